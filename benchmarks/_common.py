@@ -28,6 +28,8 @@ for _p in (REPO, REPO / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from cte_jax import backend  # noqa: E402  (imports no jax at module level)
+
 NORM = {"kind": "percentile", "lo": 5, "hi": 98}
 SCHEMA = "cte_jax.benchmark/1"
 
@@ -345,7 +347,7 @@ def jax_bank(specs: Sequence, per_spec: int, calibration: np.ndarray, *, seed: i
     models = []
     k = 0
     for a, spec in enumerate(specs):
-        logits_fn = jax.jit(lambda v, x, spec=spec: UNet(spec).apply(v, x, method=lambda m, y: m.decode_logits(m.encode(y))))
+        logits_fn = backend.jit(lambda v, x, spec=spec: UNet(spec).apply(v, x, method=lambda m, y: m.decode_logits(m.encode(y))))
         for r in range(per_spec):
             v = random_variables(spec, seed * 100_003 + k)
             frac = float(rng.uniform(*foreground))
@@ -368,8 +370,8 @@ def encoder_decoder_times(models: Sequence, x: np.ndarray, *, repeats: int) -> d
     net = UNet(models[0].spec)
     v = jax.device_put(engine.stack_variables([m.variables for m in models]))
     x = jax.device_put(np.asarray(x, np.float32))
-    enc = jax.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x, method=UNet.encode), v))
-    dec = jax.jit(lambda v, f: jax.lax.map(lambda a: net.apply(a[0], a[1], method=UNet.decode), (v, f)))
+    enc = backend.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x, method=UNet.encode), v))
+    dec = backend.jit(lambda v, f: jax.lax.map(lambda a: net.apply(a[0], a[1], method=UNet.decode), (v, f)))
     feats = block(enc(v, x))
     t = interleaved({"encoder": lambda: enc(v, x), "decoder": lambda: dec(v, feats)}, repeats=repeats, warmup=1)
     return {k: median(s) for k, s in t.items()}
@@ -388,7 +390,7 @@ def clean_parity(bank: Sequence[dict], x: np.ndarray) -> float:
         t = torch.from_numpy(np.asarray(x, np.float32)[:, None])
         for m in bank:
             pt = m["torch"](t)[:, 0].numpy()
-            apply = jax.jit(UNet(m["model"].spec).apply)
+            apply = backend.jit(UNet(m["model"].spec).apply)
             pj = np.asarray(apply(m["model"].variables, np.asarray(x, np.float32)[..., None]))[..., 0]
             worst = max(worst, float(np.abs(pt - pj).max()))
     return worst

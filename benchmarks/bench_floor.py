@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from cte_jax import backend  # noqa: E402
 
 FULL = dict(spec=dict(features=(16, 32, 64, 128), layer_order="gcr", num_groups=8), models=4, images=16, size=128,
             batch_size=8, repeats=3, peak_shapes=[(8, 128, 128, 64, 64), (8, 64, 64, 128, 128), (8, 128, 128, 32, 32)])
@@ -45,7 +46,7 @@ def conv_peak(shapes, repeats: int) -> list[dict]:
     for n, h, w, ci, co in shapes:
         x = jax.device_put(np.random.default_rng(0).standard_normal((n, h, w, ci), np.float32))
         k = jax.device_put(np.random.default_rng(1).standard_normal((3, 3, ci, co), np.float32))
-        f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+        f = backend.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                               dimension_numbers=("NHWC", "HWIO", "NHWC")))
         t = C.interleaved({"conv": lambda: f(x, k)}, repeats=repeats, warmup=1)["conv"]
         flops = 2.0 * 9 * n * h * w * ci * co
@@ -92,9 +93,9 @@ def main(argv=None) -> dict:
     batches = [jax.device_put(xn[s:s + b]) for s in range(0, len(xn), b)]
     net = UNet(spec)
 
-    clean = jax.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x), v))
-    encode = jax.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x, method=UNet.encode), v))
-    decode = jax.jit(lambda v, f: jax.lax.map(lambda a: net.apply(a[0], a[1], method=UNet.decode), (v, f)))
+    clean = backend.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x), v))
+    encode = backend.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x, method=UNet.encode), v))
+    decode = backend.jit(lambda v, f: jax.lax.map(lambda a: net.apply(a[0], a[1], method=UNet.decode), (v, f)))
     feats = [C.block(encode(variables, x)) for x in batches]
     feats2 = [jax.tree.map(lambda f: jnp.concatenate([f, f], axis=1), fs) for fs in feats]
 

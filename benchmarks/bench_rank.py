@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from cte_jax import backend  # noqa: E402
 
 FULL = dict(archs=[dict(f_maps=[16, 32, 64, 128], layer_order="gcr", num_groups=8, num_levels=4),
                    dict(f_maps=[16, 32, 64], layer_order="bcr", num_levels=3)],
@@ -145,7 +146,7 @@ def diagnose(bank, bank_cl, x: np.ndarray, repeats: int) -> list[dict]:
     import jax
     import torch
 
-    from cte_jax.networks import UNet
+    from cte_jax.networks import GroupNorm, UNet
 
     rows, seen = [], set()
     for m, mc in zip(bank, bank_cl):
@@ -155,14 +156,14 @@ def diagnose(bank, bank_cl, x: np.ndarray, repeats: int) -> list[dict]:
         seen.add(spec.key())
         t_nchw = torch.from_numpy(x[:, None])
         t_cl = t_nchw.contiguous(memory_format=torch.channels_last)
-        apply = jax.jit(UNet(spec).apply)
+        apply = backend.jit(UNet(spec).apply)
         v = jax.device_put(m["model"].variables)
         xj = jax.device_put(x[..., None])
         cin, cout = spec.decoder_channels(spec.levels - 2)
         rng = np.random.default_rng(0)
         act = rng.standard_normal((x.shape[0], x.shape[1], x.shape[2], cin)).astype(np.float32)
         ker = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-        conv_j = jax.jit(lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
+        conv_j = backend.jit(lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
                                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
         conv_t = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         conv_t.weight.data = torch.from_numpy(ker).permute(3, 2, 0, 1).contiguous()
@@ -188,10 +189,13 @@ def diagnose(bank, bank_cl, x: np.ndarray, repeats: int) -> list[dict]:
             groups = spec.group_count(cin)
             gn = nn.GroupNorm(num_groups=groups, epsilon=spec.norm_eps, use_fast_variance=False)
             gv = gn.init(jax.random.key(0), act[:1])
-            gn_j = jax.jit(gn.apply)
+            gn_j = backend.jit(gn.apply)
             gn_t = torch.nn.GroupNorm(groups, cin)
+            ours = GroupNorm(num_groups=groups, epsilon=spec.norm_eps)
+            ours_j = backend.jit(ours.apply)
             fns["GroupNorm torch channels-last"] = no_grad(lambda: gn_t(act_t))
             fns["GroupNorm XLA (flax)"] = lambda: gn_j(gv, act_j)
+            fns["GroupNorm XLA (cte_jax)"] = lambda: ours_j(gv, act_j)
         t = C.interleaved(fns, repeats=repeats, warmup=1)
         rows.append({"features": list(spec.features), "layer_order": spec.layer_order, "batch": int(x.shape[0]),
                      "size": int(x.shape[1]), "layer": f"{cin}->{cout}", "median_s": {k: C.median(s) for k, s in t.items()}})

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import xlogy
 
+from cte_jax import backend
 from cte_jax.arch import UNetSpec
 
 Array = jax.Array
@@ -367,7 +368,7 @@ def _layer_sampler(spec: UNetSpec):
         return [_upsampled_at(inter[n]["__call__"][0][0].astype(jnp.float32), x.shape[1:3], ys, xs, box)
                 for n in names]
 
-    return jax.jit(run)
+    return backend.jit(run)
 
 
 def ccfv_statistics(model: Any, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], *,

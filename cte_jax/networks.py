@@ -65,12 +65,86 @@ class InstanceNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + self.eps)
 
 
+class GroupNorm(nn.Module):
+    """torch ``GroupNorm``: mean and biased variance over (h, w, channels of the group), then a
+    per-channel affine. Same parameters (``scale``, ``bias``) as ``flax.linen.GroupNorm``.
+
+    Written out because flax's version reshapes to (b h w groups c/g) and reduces over three
+    non-adjacent axes, which XLA:CPU runs 5-7x slower than PyTorch. Here every pass is a reduction
+    over (h, w) with channels minor: per-channel sums, combined per group, and the whole norm
+    folds into one ``x * a[c] + b[c]``. The variance is the mean of squared deviations from the
+    group mean (two passes), not E[x^2] - E[x]^2, which cancels badly in low precision.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xf = x.astype(jnp.float32)
+        count = x.shape[1] * x.shape[2] * (c // g)
+
+        def per_group(channel_sums):  # (b c) -> (b c): each channel gets its group's total
+            sums = channel_sums.reshape(-1, g, c // g).sum(-1)
+            return jnp.repeat(sums, c // g, axis=-1)
+
+        mean = per_group(jnp.sum(xf, axis=(1, 2))) / count
+        dev = xf - mean[:, None, None, :]
+        var = per_group(jnp.sum(dev * dev, axis=(1, 2))) / count
+        a = scale * jax.lax.rsqrt(var + self.epsilon)  # (b c)
+        b = bias - mean * a
+        return (xf * a[:, None, None, :] + b[:, None, None, :]).astype(x.dtype)
+
+
 def _activation(letter: str, x: Array, leaky_slope: float = 0.1) -> Array:
     if letter == "r":
         return nn.relu(x)
     if letter == "l":
         return nn.leaky_relu(x, negative_slope=leaky_slope)
     return nn.elu(x)
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, padding 1, with ``flax.linen.Conv``'s parameters (``kernel`` (3 3 in out),
+    ``bias``) and initialisers, that can also convolve a contiguous range of its input channels
+    alone: conv(x) = conv(x[lo:hi] with kernel[lo:hi]) + conv(the rest with the rest) + bias."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, static: tuple[int, int] | None = None,
+                 partial: Array | None = None) -> Array | tuple[Array, Array]:
+        """Without ``static``: conv(x). With ``static = (lo, hi)``: returns (conv(x), partial), where
+        partial is the contribution of input channels lo..hi (no bias); a given ``partial`` is
+        used instead of recomputing it, so only the other channels are convolved."""
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        kernel = kernel.astype(x.dtype)
+
+        def conv(a, k):
+            return jax.lax.conv_general_dilated(a, k, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        if static is None:
+            y = conv(x, kernel)
+        else:
+            lo, hi = static
+            if partial is None:
+                partial = conv(x[..., lo:hi], kernel[:, :, lo:hi])
+            y = partial
+            if lo > 0:
+                y = y + conv(x[..., :lo], kernel[:, :, :lo])
+            if hi < x.shape[-1]:
+                y = y + conv(x[..., hi:], kernel[:, :, hi:])
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        return y if static is None else (y, partial)
 
 
 class ConvUnit(nn.Module):
@@ -82,18 +156,20 @@ class ConvUnit(nn.Module):
     activate: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(self, x: Array, train: bool = False, static: tuple[int, int] | None = None,
+                 partial: Array | None = None) -> Array | tuple[Array, Array]:
+        """``static``/``partial``: see :class:`Conv3x3`; with ``static`` returns (x, partial)."""
         s = self.spec
         order = s.layer_order
         for i, letter in enumerate(order):
             before = i < order.index("c")
             n = self.in_channels if before else self.out_channels
             if letter == "c":
-                x = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=s.conv_bias,
-                            dtype=x.dtype, name="conv")(x)
+                x = Conv3x3(self.out_channels, use_bias=s.conv_bias, name="conv")(x, static, partial)
+                if static is not None:
+                    x, partial = x
             elif letter == "g":
-                x = nn.GroupNorm(num_groups=s.group_count(n), epsilon=s.norm_eps, dtype=x.dtype,
-                                 use_fast_variance=False, name="norm")(x)
+                x = GroupNorm(num_groups=s.group_count(n), epsilon=s.norm_eps, name="norm")(x)
             elif letter == "b":
                 x = nn.BatchNorm(use_running_average=not train, epsilon=s.norm_eps, momentum=0.9,
                                  dtype=x.dtype, name="norm")(x)
@@ -101,7 +177,7 @@ class ConvUnit(nn.Module):
                 x = InstanceNorm(eps=s.norm_eps, name="norm")(x)
             elif self.activate:
                 x = _activation(letter, x, s.leaky_slope)
-        return x
+        return x if static is None else (x, partial)
 
 
 class DoubleConv(nn.Module):
@@ -109,10 +185,15 @@ class DoubleConv(nn.Module):
     channels: tuple[int, int, int]  # in, mid, out
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(self, x: Array, train: bool = False, static: tuple[int, int] | None = None,
+                 partial: Array | None = None) -> Array | tuple[Array, Array]:
+        """``static``/``partial`` go to the first convolution; with ``static`` returns (x, partial)."""
         cin, mid, cout = self.channels
-        x = ConvUnit(self.spec, cin, mid, activate=self.spec.inner_activation, name="unit_0")(x, train)
-        return ConvUnit(self.spec, mid, cout, name="unit_1")(x, train)
+        x = ConvUnit(self.spec, cin, mid, activate=self.spec.inner_activation, name="unit_0")(x, train, static, partial)
+        if static is not None:
+            x, partial = x
+        x = ConvUnit(self.spec, mid, cout, name="unit_1")(x, train)
+        return x if static is None else (x, partial)
 
 
 class Upsample(nn.Module):
@@ -182,8 +263,23 @@ class UNet(nn.Module):
 
     def decode_logits(self, feats: Sequence[Array], train: bool = False) -> Array:
         """Features per level -> logits (b h w c_out), before the final activation."""
+        return self._decode(feats, train, None)[0]
+
+    def decode_shared(self, feats: Sequence[Array], partials: Sequence[Array | None] | None = None
+                      ) -> tuple[Array, list[Array | None]]:
+        """Inference decode that keeps what does not depend on the bottleneck: per decoder step,
+        the first convolution's contribution of the skip channels (:func:`static_skip_channels`).
+
+        Returns (logits, partials). Decoding a perturbed bottleneck with the same skips and the
+        partials of the clean decode then convolves only the other channels of those layers;
+        the result equals a full decode up to float rounding.
+        """
+        return self._decode(feats, False, partials, shared=True)
+
+    def _decode(self, feats, train, partials, shared=False):
         s = self.spec
         x = feats[-1]
+        kept = []
         for j in range(s.levels - 1):
             skip = feats[s.levels - 2 - j]
             up = self.upsamplers[j](x, skip.shape[1:3])
@@ -193,8 +289,14 @@ class UNet(nn.Module):
                 x = jnp.concatenate([skip, up], axis=-1)
             else:
                 x = jnp.concatenate([up, skip], axis=-1)
-            x = self.decoders[j](x, train)
-        return self.final(x)
+            static = static_skip_channels(s, j) if shared else None
+            if static is None:
+                x = self.decoders[j](x, train)
+                kept.append(None)
+            else:
+                x, partial = self.decoders[j](x, train, static, None if partials is None else partials[j])
+                kept.append(partial)
+        return self.final(x), kept
 
     def decode(self, feats: Sequence[Array], train: bool = False) -> Array:
         """Features per level -> output (b h w c_out) after the final activation."""
@@ -202,6 +304,26 @@ class UNet(nn.Module):
 
     def __call__(self, x: Array, train: bool = False) -> Array:
         return self.decode(self.encode(x, train), train)
+
+
+def static_skip_channels(spec: UNetSpec, step: int) -> tuple[int, int] | None:
+    """Input channels [lo, hi) of decoder step ``step``'s first convolution that depend on the skip
+    only, after the norms and activations placed before that convolution; None if there are none.
+
+    Activations, BatchNorm (inference) and InstanceNorm act per channel, so every skip channel
+    qualifies. GroupNorm mixes the channels of a group: only groups lying wholly in the skip do.
+    Decoders that add the skip (``deconv``) have none.
+    """
+    if spec.upsampling == "deconv":
+        return None
+    cin, _ = spec.decoder_channels(step)
+    n_skip = spec.features[spec.levels - 2 - step]
+    lo, hi = (0, n_skip) if spec.skip_first else (cin - n_skip, cin)
+    before = spec.layer_order[:spec.layer_order.index("c")]
+    if "g" in before:
+        size = cin // spec.group_count(cin)
+        lo, hi = -(-lo // size) * size, hi // size * size
+    return (lo, hi) if hi > lo else None
 
 
 def activate(spec: UNetSpec, logits: Array) -> Array:

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cte_jax import engine
+from cte_jax import backend, engine
 from cte_jax.errors import CTEError
 
 SHARD_MODES = ("auto", "none", "models", "images")
@@ -87,7 +87,7 @@ def _pad_rows(a, n: int, axis: int = 0, *, repeat_first: bool):
 
 @functools.lru_cache(maxsize=None)
 def sharded_scorer(plan: engine.Plan, mesh: Mesh, mode: str):
-    """``engine.compiled_scorer(plan)`` run under ``shard_map`` over ``mesh``, same signature.
+    """``engine.scoring_function(plan)`` run under ``shard_map`` over ``mesh``, same signature.
 
     ``models``: each device scores its slice of the stacked model axis on the whole batch (the
     model axis must be a multiple of the device count). ``images``: each device scores every
@@ -95,7 +95,7 @@ def sharded_scorer(plan: engine.Plan, mesh: Mesh, mode: str):
     (model, perturbation, unit) ids, not by position, so either split gives the single-device
     scores.
     """
-    inner = engine.compiled_scorer(plan)
+    inner = engine.scoring_function(plan)
     d = AXIS
     if mode == "models":
         in_specs = (P(d), P(d), P(d), P(d), P(), P(), P(), P())
@@ -106,7 +106,7 @@ def sharded_scorer(plan: engine.Plan, mesh: Mesh, mode: str):
     else:
         raise ValueError(f"mode {mode!r} is not 'models' or 'images'")
     # check_vma off: the per-device program is the plain engine program; no collectives inside.
-    return jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False))
+    return backend.jit(jax.shard_map(inner, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from cte_jax import backend
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model, load_model
@@ -17,7 +18,7 @@ from cte_jax.networks import UNet
 @functools.lru_cache(maxsize=None)
 def _forward(spec: UNetSpec):
     net = UNet(spec)
-    return jax.jit(lambda v, x: net.apply(v, x))
+    return backend.jit(lambda v, x: net.apply(v, x))
 
 
 def predict_image(model: Model, image: np.ndarray, *, tile: int = 256, halo: int = 32,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cte_jax import backend
 from cte_jax.arch import UNetSpec
 from cte_jax.augment import IntensityRanges, augment_batch, random_crop
 from cte_jax.errors import CTEError
@@ -404,7 +405,7 @@ def make_train_step(config: TrainConfig, tx: optax.GradientTransformation):
             logits = net.apply(variables, x, key, method=forward)
         return bce_dice_loss(logits, y, dice_weight=config.dice_weight), batch_stats
 
-    @jax.jit
+    @backend.jit
     def step(state, x, y, key):
         k_aug, k_drop = jax.random.split(key)
         if config.augment:
@@ -429,7 +430,7 @@ def make_eval_step(config: TrainConfig):
     def logits_of(module, x):
         return module.decode_logits(module.encode(x, train=False), train=False)
 
-    @jax.jit
+    @backend.jit
     def evaluate(params, batch_stats, x, y, w):
         logits = net.apply(_variables(params, batch_stats), x, method=logits_of)[..., 0]
         t = y[..., 0]

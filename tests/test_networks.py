@@ -92,3 +92,92 @@ def test_deconv_matches_torch_conv_transpose(size):
     kernel = np.transpose(w[:, :, ::-1, ::-1], (2, 3, 0, 1))
     out = Upsample(spec, 4).apply({"params": {"kernel": kernel, "bias": conv.bias.detach().numpy()}}, jnp.asarray(x), size)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def _group_norm_numpy(x, groups, scale, bias, eps):
+    """torch.nn.GroupNorm on (b h w c) in float64: mean and biased variance per (image, group)."""
+    b, h, w, c = x.shape
+    g = x.astype(np.float64).reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 17, 9, 16), 8), ((2, 8, 8, 6), 3), ((1, 5, 5, 4), 1)])
+def test_group_norm_matches_numpy(shape, groups):
+    from cte_jax.networks import GroupNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)  # offset: a naive E[x^2]-E[x]^2 would drift
+    scale, bias = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+    v = {"params": {"scale": scale.astype(np.float32), "bias": bias.astype(np.float32)}}
+    got = GroupNorm(groups, epsilon=1e-5).apply(v, x)
+    np.testing.assert_allclose(got, _group_norm_numpy(x, groups, scale, bias, 1e-5), atol=2e-5)
+
+
+SHARED_SPECS = [
+    dict(layer_order="gcr", num_groups=4),  # groups straddle skip and upsampled channels
+    dict(layer_order="gcr", num_groups=2),  # no group lies wholly in the skip
+    dict(layer_order="bcr"),
+    dict(layer_order="cr"),
+    dict(layer_order="icl", skip_first=False, upsampling="bilinear_conv"),  # torch-em layout
+    dict(layer_order="gcr", num_groups=4, group_rule="min", skip_first=False, upsampling="deconv_concat"),
+    dict(layer_order="bcr", upsampling="deconv"),  # joined by sum: nothing to share
+]
+
+
+@pytest.mark.parametrize("kw", SHARED_SPECS)
+def test_static_skip_channels_are_those_the_bottleneck_cannot_reach(kw):
+    """The channels named static must be exactly the first conv inputs that stay the same when
+    only the upsampled half of the decoder input changes: checked by changing it."""
+    from cte_jax.networks import ConvUnit, static_skip_channels
+
+    spec = UNetSpec(features=(8, 16, 32), **kw)
+    for step in range(spec.levels - 1):
+        cin, cout = spec.decoder_channels(step)
+        n_skip = spec.features[spec.levels - 2 - step]
+        rng = np.random.default_rng(step)
+        skip = rng.standard_normal((2, 8, 8, n_skip)).astype(np.float32)
+        ups = [rng.standard_normal((2, 8, 8, cin - n_skip)).astype(np.float32) for _ in range(2)]
+        join = (lambda u: np.concatenate([skip, u], -1)) if spec.skip_first else (lambda u: np.concatenate([u, skip], -1))
+        pre_spec = UNetSpec(features=spec.features, layer_order=spec.layer_order[:spec.layer_order.index("c")] + "c",
+                            num_groups=spec.num_groups, group_rule=spec.group_rule)
+        unit = ConvUnit(pre_spec, cin, cout)
+        v = unit.init(jax.random.key(0), join(ups[0]))
+        seen = []  # what reaches the convolution, for each upsampled half
+        from cte_jax import networks
+
+        def spy(self, x, static=None, partial=None):
+            seen.append(np.asarray(x))
+            return x
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(networks.Conv3x3, "__call__", spy)
+            for u in ups:
+                unit.apply(v, join(u))
+        same = np.all(seen[0] == seen[1], axis=(0, 1, 2))
+        got = static_skip_channels(spec, step)
+        if spec.upsampling == "deconv":
+            assert got is None
+            continue
+        want = list(np.flatnonzero(same))
+        assert (list(range(*got)) if got else []) == want
+
+
+@pytest.mark.parametrize("kw", SHARED_SPECS)
+def test_decode_shared_equals_a_full_decode_of_the_perturbed_bottleneck(kw):
+    spec = UNetSpec(features=(8, 16, 32), **kw)
+    v = init_variables(spec, jax.random.key(0))
+    if "batch_stats" in v:  # non-trivial inference statistics
+        v["batch_stats"] = jax.tree.map(lambda a: a + 0.3, v["batch_stats"])
+    net = UNet(spec)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+    feats = net.apply(v, x, method=UNet.encode)
+    clean, partials = net.apply(v, feats, method=UNet.decode_shared)
+    np.testing.assert_allclose(clean, net.apply(v, feats, method=UNet.decode_logits), atol=2e-5)
+    dropped = feats[-1] * (jax.random.uniform(jax.random.key(2), feats[-1].shape[:1] + (1, 1) + feats[-1].shape[-1:]) > 0.4)
+    pert_feats = list(feats[:-1]) + [dropped]
+    got, _ = net.apply(v, pert_feats, partials, method=UNet.decode_shared)
+    want = net.apply(v, pert_feats, method=UNet.decode_logits)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert float(jnp.abs(want - clean).max()) > 1e-2  # the perturbation did change the output
