@@ -496,10 +496,14 @@ def fast_vrand(y: np.ndarray, yq: np.ndarray) -> float | None:
 def conv_flops(spec, h: int, w: int) -> dict[str, float]:
     """FLOPs (2 per multiply-add) of the convolutions of one image (h w) through ``spec``.
 
-    Returns ``{"encoder", "decoder", "total"}``; the decoder includes upsampling convolutions
-    (transposed 3x3 for deconv, 1x1 for bilinear_conv) and the final 1x1 conv. Norms,
-    activations, pooling and resizing are not counted (they are not convolutions).
+    Returns ``{"encoder", "decoder", "total", "decoder_shared"}``; the decoder includes upsampling
+    convolutions (transposed 3x3 for deconv, 1x1 for bilinear_conv) and the final 1x1 conv.
+    ``decoder_shared`` is a perturbed decode that reuses the clean decode's skip-channel
+    convolutions (``UNet.decode_shared``). Norms, activations, pooling and resizing are not
+    counted (they are not convolutions).
     """
+    from cte_jax.networks import static_skip_channels
+
     L = spec.levels
     sizes = [(h, w)]
     for _ in range(1, L):
@@ -509,13 +513,15 @@ def conv_flops(spec, h: int, w: int) -> dict[str, float]:
         cin, mid, cout = spec.encoder_channels(lv)
         hw = sizes[lv][0] * sizes[lv][1]
         enc += 2 * 9 * hw * (cin * mid + mid * cout)
-    dec = 0.0
+    dec = saved = 0.0
     for st in range(L - 1):
         lv = L - 2 - st
         hw = sizes[lv][0] * sizes[lv][1]
         deep, skip = spec.features[lv + 1], spec.features[lv]
         cin, cout = spec.decoder_channels(st)
         dec += 2 * 9 * hw * (cin * cout + cout * cout)
+        static = static_skip_channels(spec, st)
+        saved += 2 * 9 * hw * (static[1] - static[0]) * cout if static else 0.0
         if spec.upsampling in ("deconv", "deconv_concat"):
             # transposed 3x3 stride 2: every input pixel meets 9 kernel taps
             low = sizes[lv + 1][0] * sizes[lv + 1][1]
@@ -523,7 +529,7 @@ def conv_flops(spec, h: int, w: int) -> dict[str, float]:
         elif spec.upsampling == "bilinear_conv":
             dec += 2 * hw * deep * skip
     dec += 2 * h * w * spec.features[0] * spec.out_channels
-    return {"encoder": enc, "decoder": dec, "total": enc + dec}
+    return {"encoder": enc, "decoder": dec, "total": enc + dec, "decoder_shared": dec - saved}
 
 
 # -- output ----------------------------------------------------------------------------------------
