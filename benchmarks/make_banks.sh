@@ -34,7 +34,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 SHARED="${CTE_SHARED:-../shared}"
 DATA="$SHARED/data"
-BANKS="benchmarks/banks"
+BANKS="${BANKS:-benchmarks/banks}"
 JOBS="${JOBS:-2}"
 PY="${PYTHON:-python}"
 ONLY="${1:-all}"
@@ -45,22 +45,25 @@ if [ ! -d "$DATA" ]; then
 fi
 
 COMMON="--batch-size 8 --checkpoint-every 0 --no-progress"
-NUC="--features 8,16,32 --patch-size 64 --normalization percentile:5,98 --task foreground"
+NUC="--features 16,32,64 --patch-size 96 --normalization percentile:5,98 --task foreground"
+NUC_OLD="--features 8,16,32 --patch-size 64 --normalization percentile:5,98 --task foreground"
 EMN="--normalization percentile:1,99 --patch-size 96"
 
 # One line per model: BANK NAME SOURCE-DOMAIN(S) EXTRA-ARGUMENTS
 RECIPES="$(cat <<EOF
-nuclei fluo256 nuclei/dsb2018_fluo_256 $NUC --steps 200 --eval-every 100 --seed 1
-nuclei fluo360 nuclei/dsb2018_fluo_360 $NUC --steps 200 --eval-every 100 --seed 2
-nuclei fluo_u2os520 nuclei/dsb2018_fluo_u2os_520 $NUC --steps 200 --eval-every 100 --seed 3
-nuclei fluo_other nuclei/dsb2018_fluo_other $NUC --steps 200 --eval-every 100 --seed 4
-nuclei tissue_rgb nuclei/dsb2018_tissue_rgb $NUC --steps 200 --eval-every 100 --seed 5
-nuclei brightfield nuclei/dsb2018_brightfield_1024 $NUC --steps 200 --eval-every 100 --seed 6
-nuclei stage1_test nuclei/dsb2018_stage1_test $NUC --steps 200 --eval-every 100 --seed 7
-nuclei coelho_u2os nuclei/coelho2009_u2os $NUC --steps 200 --eval-every 100 --seed 8
-nuclei coelho_nih3t3 nuclei/coelho2009_nih3t3 $NUC --steps 200 --eval-every 100 --seed 9
-nuclei fluo256_deep nuclei/dsb2018_fluo_256 --features 8,16,32,64 --patch-size 64 --normalization percentile:5,98 --task foreground --steps 200 --eval-every 100 --seed 11
-nuclei tissue_rgb_short_noaug nuclei/dsb2018_tissue_rgb $NUC --steps 80 --eval-every 80 --no-augment --seed 12
+nuclei fluo256 nuclei/dsb2018_fluo_256 $NUC --steps 1000 --eval-every 250 --seed 1
+nuclei fluo360 nuclei/dsb2018_fluo_360 $NUC --steps 1000 --eval-every 250 --seed 2
+nuclei fluo_u2os520 nuclei/dsb2018_fluo_u2os_520 $NUC --steps 1000 --eval-every 250 --seed 3
+nuclei fluo_other nuclei/dsb2018_fluo_other $NUC --steps 1000 --eval-every 250 --seed 4
+nuclei stage1_test nuclei/dsb2018_stage1_test $NUC --steps 1000 --eval-every 250 --seed 7
+nuclei coelho_u2os nuclei/coelho2009_u2os $NUC --steps 1000 --eval-every 250 --seed 8
+nuclei coelho_nih3t3 nuclei/coelho2009_nih3t3 $NUC --steps 1000 --eval-every 250 --seed 9
+nuclei fluo256_deep nuclei/dsb2018_fluo_256 --features 16,32,64,128 --patch-size 96 --normalization percentile:5,98 --task foreground --steps 1000 --eval-every 250 --seed 11
+nuclei fluo360_narrow_short nuclei/dsb2018_fluo_360 --features 8,16,32 --patch-size 96 --normalization percentile:5,98 --task foreground --steps 150 --eval-every 150 --seed 12
+nuclei fluo_u2os520_noaug nuclei/dsb2018_fluo_u2os_520 $NUC --steps 1000 --eval-every 250 --no-augment --seed 13
+nuclei_cross_modality tissue_rgb nuclei/dsb2018_tissue_rgb $NUC_OLD --steps 200 --eval-every 100 --seed 5
+nuclei_cross_modality brightfield nuclei/dsb2018_brightfield_1024 $NUC_OLD --steps 200 --eval-every 100 --seed 6
+nuclei_cross_modality tissue_rgb_short_noaug nuclei/dsb2018_tissue_rgb $NUC_OLD --steps 80 --eval-every 80 --no-augment --seed 12
 mito_em vnc_base mito_em/vnc_sstem --features 8,16,32 $EMN --task foreground --steps 300 --lr 0.003 --eval-every 100 --seed 21
 mito_em vnc_deep_noaug mito_em/vnc_sstem --features 8,16,32,64 $EMN --task foreground --steps 300 --lr 0.003 --eval-every 100 --no-augment --seed 22
 mito_em vnc_narrow_short mito_em/vnc_sstem --features 4,8,16 $EMN --task foreground --steps 80 --eval-every 80 --seed 23

@@ -15,8 +15,10 @@ and, per estimator, Kendall tau / Spearman rho / Pearson r against performance w
 p-values (``cte_jax.stats``).
 
 Failure mode (a model predicting almost no foreground looks very consistent, since tiny unions
-agree): ``rank`` flags models whose median predicted-foreground fraction is below 20% of the
-bank's median (``low_foreground``). Every estimator is reported in three variants side by side:
+agree), and so can one predicting most of the image (large masks barely change): ``rank`` flags
+models whose median predicted-foreground fraction is below 20% of the bank's median
+(``low_foreground``) or above max(0.5, 2 x the median) (``high_foreground``). A model is
+"flagged" when either fires. Every estimator is reported in three variants side by side:
 
 * ``paper``: the unchanged score over all models (what the paper reports);
 * ``unflagged``: the same score, flagged models left out of the statistics;
@@ -255,7 +257,7 @@ def corrected_scores(scores: Sequence[float | None], fg: Sequence[float | None],
     Args:
       scores: per model (None = no score).
       fg: per model median predicted-foreground fraction (None = unknown: left unchanged).
-      flagged: per model ``low_foreground``.
+      flagged: per model ``low_foreground`` or ``high_foreground``.
       correction: ``"fg_ratio"`` or ``"flag_last"``.
       bounded: the scores lie in [0, 1]; ``fg_ratio`` needs it (returns None otherwise).
 
@@ -415,6 +417,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
                                "n_images": len(per_image),
                                "foreground_fraction": first.get("foreground_fraction") if first else None,
                                "low_foreground": bool(first.get("low_foreground", False)) if first else False,
+                               "high_foreground": bool(first.get("high_foreground", False)) if first else False,
                                "scores": {}, "n_scored": {}}
         for e in ests:
             if e.metric == "ccfv":
@@ -435,7 +438,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
 
     # Statistics per estimator and variant, and the corrected scores beside the paper's.
     perf = [r["performance"] for r in table]
-    flagged = [r["low_foreground"] for r in table]
+    flagged = [r["low_foreground"] or r["high_foreground"] for r in table]
     fg = [r["foreground_fraction"] for r in table]
     known_fg = [f for f in fg if f is not None]
     estimators: dict[str, Any] = {}
@@ -461,7 +464,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
         "aggregate": o.aggregate, "n_images": len(names), "perturbations": list(o.perturbations),
         "metrics": list(o.metrics), "baselines": list(o.baselines), "correction": o.correction,
         "median_foreground_fraction": float(np.median(known_fg)) if known_fg else None,
-        "flagged": [r["model"] for r in table if r["low_foreground"]],
+        "flagged": [r["model"] for r in table if r["low_foreground"] or r["high_foreground"]],
         "models": table, "estimators": estimators, "seed": o.seed,
     }
     return result, {"images": image_rows, "units": unit_rows}
@@ -492,11 +495,11 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], fields: Sequence[str], path: P
 
 def _flat_models(result: dict) -> tuple[list[dict], list[str]]:
     keys = list(result["estimators"])
-    fields = ["model", "performance", "n_images", "foreground_fraction", "low_foreground"] + keys + \
-        [f"{k} corrected" for k in keys]
+    fields = ["model", "performance", "n_images", "foreground_fraction", "low_foreground", "high_foreground"] + \
+        keys + [f"{k} corrected" for k in keys]
     rows = []
     for r in result["models"]:
-        row = {k: r[k] for k in fields[:5]}
+        row = {k: r.get(k, False) for k in fields[:6]}
         for k in keys:
             row[k] = r["scores"].get(k)
             row[f"{k} corrected"] = r.get("corrected", {}).get(k)
@@ -678,7 +681,7 @@ def summarize_targets(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict[st
                 # The variant's own model set and scores: unflagged drops flagged models.
                 s_key = "corrected" if v == "corrected" else "scores"
                 pairs = [(row[s_key].get(key), row["performance"]) for row in r["models"]
-                         if not (v == "unflagged" and row["low_foreground"])]
+                         if not (v == "unflagged" and (row["low_foreground"] or row.get("high_foreground")))]
                 pairs = [p for p in pairs if p[0] is not None]
                 if len(pairs) >= 2:
                     per_target[name] = ([p[0] for p in pairs], [p[1] for p in pairs])

@@ -132,7 +132,7 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
                               "y": [p[2] for p in pts], "fit": fit, "highlighted": [p[0] for p in ringed]}
         if rings:
             ax.scatter([p[1] for p in rings], [p[2] for p in rings], s=110, facecolors="none", edgecolors="red",
-                       linewidths=1.2, zorder=4, label="low foreground (flagged)")
+                       linewidths=1.2, zorder=4, label="flagged: low or high foreground")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:

@@ -136,7 +136,7 @@ def test_statistics_match_scipy_in_every_variant(run, key):
     _, _, res = run
     perf = np.array([r["performance"] for r in res["models"]])
     s = np.array(_scores(res, key))
-    flagged = np.array([r["low_foreground"] for r in res["models"]])
+    flagged = np.array([r["low_foreground"] or r["high_foreground"] for r in res["models"]])
     fg = np.array([r["foreground_fraction"] for r in res["models"]])
     corrected = s * np.minimum(1.0, fg / np.median(fg))
     np.testing.assert_allclose(_scores(res, key, "corrected"), corrected, rtol=1e-6)
@@ -337,3 +337,20 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
 def test_cli_reports_missing_bank(tmp_path, capsys):
     assert cli.main(["evaluate", "--bank", str(tmp_path / "none"), "--target", str(tmp_path), "--quiet"]) == 2
     assert "bank not found" in capsys.readouterr().err
+
+
+def test_high_foreground_model_is_flagged_and_left_out(run):
+    """A model that calls nearly everything foreground is flagged HIGH by the rule
+    fg > max(HIGH_FOREGROUND_MIN, HIGH_FOREGROUND_RATIO * median fg), computed here from the oracle."""
+    from cte_jax.ranking import HIGH_FOREGROUND_MIN, HIGH_FOREGROUND_RATIO
+
+    root = run[0]
+    taus = {"t0.3": 0.3, "t0.5": 0.5, "t0.7": 0.7, "all": -1.0}
+    res = ev.evaluate([threshold_model(n, t) for n, t in taus.items()], root, perturbations=["dropout:0.1"],
+                      metrics=["nhd"], baselines=(), n_permutations=10)
+    fg = {n: oracle(root, t)[1] for n, t in taus.items()}
+    cut = max(HIGH_FOREGROUND_MIN, HIGH_FOREGROUND_RATIO * float(np.median(list(fg.values()))))
+    for r in res["models"]:
+        assert r["high_foreground"] == (fg[r["model"]] > cut), r["model"]
+    assert fg["all"] > cut and res["flagged"] == ["all"]
+    assert res["estimators"]["nhd@dropout:0.1"]["unflagged"]["n_models"] == len(taus) - 1
