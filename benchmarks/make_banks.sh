@@ -13,11 +13,15 @@
 # bank's RECIPES.md is regenerated from the model.json provenance (exact command, source domain,
 # settings, training time, validation F1, size on disk).
 #
-# Settings, chosen to keep the banks commit-size small (tens of kB per model) and the whole build
-# near 50 minutes of wall time on 2 shared CPU cores:
-#   nuclei       features 8,16,32, patch 64, batch 8, 200 steps, percentile:5,98 normalisation
-#                (RGB tissue -> luminance grey), task foreground; one model per source domain plus
-#                depth/width/length/augmentation variants.
+# Settings, chosen to keep the banks commit-size small (under 1.5 MB per model) and the whole build
+# near an hour of wall time on 2 shared CPU cores:
+#   nuclei       fluorescence sources only, as the paper's nuclei study: features 16,32,64, patch 96,
+#                batch 8, 1000 steps (about 5.5 min per model, two at a time), percentile:5,98
+#                normalisation, task foreground; one model per fluorescence source domain plus
+#                depth / length / augmentation variants.
+#   nuclei_cross_modality  the stained-tissue (RGB -> luminance grey) and brightfield models of the
+#                first bank (features 8,16,32, patch 64, 80-200 steps): dark nuclei on a light
+#                background, the contrast-inversion failure mode on fluorescence targets.
 #   mito_em      binary mitochondria labels, task foreground, percentile:1,99 normalisation, patch 96;
 #                the base/deep models use lr 0.003 and 300 steps: at lr 0.001 and 150-200 steps they
 #                had not yet left the all-background solution (validation F1 0). The 80-step
