@@ -1,9 +1,13 @@
-"""Small random models for tests, drawn with NumPy (Flax's initialisers compile for seconds on CPU)."""
+"""Small random models for tests, drawn with NumPy (Flax's initialisers compile for seconds on CPU),
+and small synthetic targets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
+from PIL import Image
 
 from cte_jax.arch import UNetSpec
 from cte_jax.modelio import Model
@@ -31,3 +35,17 @@ def random_models(n: int, spec: UNetSpec, normalization: dict) -> list[Model]:
         v["params"]["final"]["bias"] = v["params"]["final"]["bias"] + 0.05 * i
         out.append(Model(name=f"m{i}", normalization=normalization, spec=spec, variables=v))
     return out
+
+
+def write_disc_images(d: Path, n: int, seed: int) -> Path:
+    """``n`` 32x32 PNGs img0..img{n-1} in ``d``: dim noise with three bright discs each."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(n):
+        img = (rng.random((32, 32)) * 60).astype(np.uint8)
+        for _ in range(3):
+            cy, cx = rng.integers(6, 26, 2)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 150
+        Image.fromarray(img).save(d / f"img{i}.png")
+    return d

@@ -11,14 +11,12 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
-from PIL import Image
 
 from cte_jax.arch import UNetSpec
 from cte_jax.cli import main
-from cte_jax.modelio import Model, save_model
-from helpers import numpy_variables, random_models  # noqa: E402
+from cte_jax.modelio import save_model
+from helpers import random_models, write_disc_images  # noqa: E402
 from cte_jax.parallel import detect_cluster
 from cte_jax.preprocess import Normalization
 
@@ -28,26 +26,12 @@ NORM = Normalization(kind="percentile", lo=5, hi=98).to_dict()
 TIMEOUT = 420  # seconds for the whole two-process run; both are killed when it passes
 
 
-def _variables(seed: int) -> dict:
-    return numpy_variables(SPEC, seed)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    for i in range(3):
-        v = _variables(i)
-        v["params"]["final"]["bias"] = v["params"]["final"]["bias"] + 0.05 * i
-        save_model(Model(name=f"m{i}", normalization=NORM, spec=SPEC, variables=v), root / "bank" / f"m{i}")
-    rng = np.random.default_rng(2)
-    (root / "target").mkdir()
-    for i in range(5):
-        img = (rng.random((32, 32)) * 60).astype(np.uint8)
-        yy, xx = np.mgrid[:32, :32]
-        for _ in range(3):
-            cy, cx = rng.integers(6, 26, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 150
-        Image.fromarray(img).save(root / "target" / f"img{i}.png")
+    for m in random_models(3, SPEC, NORM):
+        save_model(m, root / "bank" / m.name)
+    write_disc_images(root / "target", 5, seed=2)
     return root
 
 

@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from cte_jax import cache, engine, parallel
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model
-from helpers import numpy_variables, random_models  # noqa: E402
+from helpers import random_models, write_disc_images  # noqa: E402
 from cte_jax.perturbations import parse_perturbation
 from cte_jax.preprocess import Normalization
 from cte_jax.ranking import prefetch, rank
@@ -38,25 +37,8 @@ PERTS = ["dropout:0.2", "noise:0.05"]
 METRICS = ["nhd", "ei"]
 
 
-def _variables(seed: int) -> dict:
-    return numpy_variables(SPEC, seed)
-
-
 def _models(n: int) -> list[Model]:
     return random_models(n, SPEC, NORM)
-
-
-def _write_target(d: Path, n: int = 4) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        img = (rng.random((32, 32)) * 60).astype(np.uint8)
-        yy, xx = np.mgrid[:32, :32]
-        for _ in range(3):
-            cy, cx = rng.integers(6, 26, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 150
-        Image.fromarray(img).save(d / f"img{i}.png")
-    return d
 
 
 def _per_unit(path: Path) -> dict[tuple, float | None]:
@@ -161,7 +143,7 @@ def _child_multidevice(target: str, out: str) -> None:
 
 
 def test_four_devices_give_the_single_device_scores(tmp_path):
-    target = _write_target(tmp_path / "target")
+    target = write_disc_images(tmp_path / "target", 4, seed=1)
     proc = subprocess.run([sys.executable, __file__, "multidevice", str(target), str(tmp_path)], cwd=ROOT,
                           env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", CTE_JAX_CACHE_DIR="off"),
                           capture_output=True, text=True, timeout=600)

@@ -11,23 +11,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from cte_jax import parallel
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model
-from helpers import numpy_variables, random_models  # noqa: E402
+from helpers import random_models, write_disc_images  # noqa: E402
 from cte_jax.preprocess import Normalization
 from cte_jax.ranking import iter_batches, prefetch, rank
 from cte_jax.results import ResultsStore, ScoreTable, default_results_path, model_fingerprint, shard_path
 
 SPEC = UNetSpec(features=(4, 8, 16), layer_order="cr")
 NORM = Normalization(kind="percentile", lo=5, hi=98).to_dict()
-
-
-def _variables(seed: int) -> dict:
-    return numpy_variables(SPEC, seed)
 
 
 def _models(n: int) -> list[Model]:
@@ -41,16 +36,7 @@ def models():
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    d = tmp_path_factory.mktemp("target")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        img = (rng.random((32, 32)) * 60).astype(np.uint8)
-        yy, xx = np.mgrid[:32, :32]
-        for _ in range(3):
-            cy, cx = rng.integers(6, 26, 2)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] += 150
-        Image.fromarray(img).save(d / f"img{i}.png")
-    return d
+    return write_disc_images(tmp_path_factory.mktemp("target"), 6, seed=0)
 
 
 # -- the table ----------------------------------------------------------------------------------
