@@ -169,7 +169,6 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
     feats = net.apply(variables, x_all, method=UNet.encode)
     # Bottleneck perturbations reuse the clean encoder: the skips stay clean, only the bottleneck
     # of the clean images is dropped out, once per feature perturbation (and draw, for mcdropout).
-    clean_feats = [f[:b] for f in feats]
     # Each dropped bottleneck is decoded in a call of its own (on CPU one call over all of them
     # measured 9-19 % slower: bigger working set), with the clean skips, and reuses the clean
     # decode's skip-channel convolutions (UNet.decode_shared): those do not see the bottleneck.
@@ -187,7 +186,7 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
     skips = [clean_rows(f) for f in feats[:-1]]
     clean_partials = [clean_rows(a) for a in partials]
     for pert in feature_perts:
-        dropped = over_draws(lambda k, f, pert=pert: perturb_bottleneck(k, f, pert), pert, clean_feats[-1])
+        dropped = over_draws(lambda k, f, pert=pert: perturb_bottleneck(k, f, pert), pert, feats[-1][:b])
         chunks[pert] = decode(skips + [dropped], clean_partials)[0]
     clean = probs[0]
     clean_inst = instances_of(clean, mask, plan) if "vrand" in plan.metrics else None
