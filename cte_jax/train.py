@@ -707,6 +707,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _float_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI like 0,0.2, got {text!r}") from None
+    if hi < lo:
+        raise argparse.ArgumentTypeError(f"empty range {text!r}: HI must be >= LO")
+    return lo, hi
+
+
 def add_arguments(p: "argparse.ArgumentParser") -> None:
     """Add the training flags to an argparse parser (defaults are TrainConfig's)."""
     d = TrainConfig(data=("x",))
@@ -753,6 +763,14 @@ def add_arguments(p: "argparse.ArgumentParser") -> None:
     o.add_argument("--dropout", type=float, default=d.dropout,
                    help="spatial dropout rate at the bottleneck during training (default: %(default)s)")
     o.add_argument("--no-augment", action="store_true", help="no flips/rot90 and no intensity augmentation")
+    i = d.intensity
+    for name, what in (("noise", "Gaussian noise sigma"), ("brightness", "brightness shift"),
+                       ("contrast", "contrast factor"), ("gamma", "gamma exponent")):
+        o.add_argument(f"--aug-{name}", type=_float_range, default=getattr(i, name), metavar="LO,HI",
+                       help=f"{what} of the intensity augmentation, drawn from U(LO, HI) per crop; the paper "
+                            f"trains with the ranges it later perturbs with (default: %(default)s)")
+    o.add_argument("--aug-p", type=float, default=i.p,
+                   help="probability of each intensity augmentation per crop (default: %(default)s)")
     o.add_argument("--dice-weight", type=float, default=d.dice_weight, help="weight of the Dice loss term (default: %(default)s)")
     o.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     r = p.add_argument_group("validation and checkpoints")
@@ -778,7 +796,10 @@ def config_from_args(args, *, command: str | None = None) -> TrainConfig:
         label_kind=args.label_kind, train_split=args.split, val_fraction=args.val_fraction,
         patch_size=args.patch_size, batch_size=args.batch_size, steps=args.steps, learning_rate=args.lr,
         schedule=args.schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        dropout=args.dropout, augment=not args.no_augment, dice_weight=args.dice_weight, seed=args.seed,
+        dropout=args.dropout, augment=not args.no_augment,
+        intensity=IntensityRanges(noise=args.aug_noise, brightness=args.aug_brightness, contrast=args.aug_contrast,
+                                  gamma=args.aug_gamma, p=args.aug_p),
+        dice_weight=args.dice_weight, seed=args.seed,
         eval_every=args.eval_every, keep=args.keep, checkpoint_every=args.checkpoint_every,
         checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         name=args.name, command=command)

@@ -195,3 +195,21 @@ def test_config_validation_and_errors(domain, tmp_path):
         train(_config(tmp_path / "nowhere"), tmp_path / "m", progress=False)
     cfg = _config(domain)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_intensity_flags_reach_the_config():
+    import argparse
+
+    from cte_jax.augment import IntensityRanges
+    from cte_jax.train import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--data", "d", "--out", "o"]
+    default = config_from_args(p.parse_args(base))
+    assert default.intensity == IntensityRanges()
+    cfg = config_from_args(p.parse_args([*base, "--aug-noise", "0.1,0.2", "--aug-gamma", "0.5,2", "--aug-p", "0.8"]))
+    assert cfg.intensity == IntensityRanges(noise=(0.1, 0.2), gamma=(0.5, 2.0), p=0.8)
+    assert TrainConfig.from_dict(cfg.to_dict()).intensity == cfg.intensity
+    with pytest.raises(SystemExit):
+        p.parse_args([*base, "--aug-noise", "0.2,0.1"])
