@@ -93,16 +93,35 @@ def main(argv=None) -> dict:
     batches = [jax.device_put(xn[s:s + b]) for s in range(0, len(xn), b)]
     net = UNet(spec)
 
-    clean = backend.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x), v))
-    encode = backend.jit(lambda v, x: jax.lax.map(lambda vv: net.apply(vv, x, method=UNet.encode), v))
-    decode = backend.jit(lambda v, f: jax.lax.map(lambda a: net.apply(a[0], a[1], method=UNet.decode), (v, f)))
+    # The engine loops over image sub-batches of c images (engine.default_chunk_pixels); the floor's
+    # passes do the same, so that both sides see the same working sets.
+    chunk_pixels = engine.default_chunk_pixels()
+    c = engine.chunk_size(b, size, size, chunk_pixels)
+    notes.append(f"every program (floor passes and engine alike) loops over sub-batches of {c} of the {b} images "
+                 f"(engine.default_chunk_pixels() = {chunk_pixels})")
+
+    def chunked(fn, tree, per=1):
+        n = jax.tree.leaves(tree)[0].shape[0] // (c * per)
+        if n <= 1:
+            return fn(tree)
+        out = jax.lax.map(fn, jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), tree))
+        return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+    clean = backend.jit(lambda v, x: jax.lax.map(lambda vv: chunked(lambda xx: net.apply(vv, xx), x), v))
+    encode = backend.jit(lambda v, x: jax.lax.map(
+        lambda vv: chunked(lambda xx: net.apply(vv, xx, method=UNet.encode), x), v))
+    decode = backend.jit(lambda v, f: jax.lax.map(
+        lambda a: chunked(lambda ff: net.apply(a[0], ff, method=UNet.decode), a[1]), (v, f)))
+    decode2 = backend.jit(lambda v, f: jax.lax.map(
+        lambda a: chunked(lambda ff: net.apply(a[0], ff, method=UNet.decode), a[1], per=2), (v, f)))
     feats = [C.block(encode(variables, x)) for x in batches]
     feats2 = [jax.tree.map(lambda f: jnp.concatenate([f, f], axis=1), fs) for fs in feats]
 
     pert = parse_perturbation(f"dropout:{args.rate}")
     scorers = {}
     for metric in ("nhd", "vrand"):
-        plan = engine.Plan(spec=spec, perturbations=(pert,), metrics=(metric,), strategy=engine.default_strategy())
+        plan = engine.Plan(spec=spec, perturbations=(pert,), metrics=(metric,), strategy=engine.default_strategy(),
+                           chunk_pixels=chunk_pixels)
         scorers[metric] = engine.compiled_scorer(plan)
     key = jax.random.key(0)
     ids = np.array([engine.stable_id(x.name) for x in models], np.int32)
@@ -120,7 +139,7 @@ def main(argv=None) -> dict:
             "clean pass (UNet.apply)": lambda: [clean(variables, x) for x in batches],
             "encoder only (b)": lambda: [encode(variables, x) for x in batches],
             "decoder only (b)": lambda: [decode(variables, f) for f in feats],
-            "decoder only (2b)": lambda: [decode(variables, f) for f in feats2],
+            "decoder only (2b)": lambda: [decode2(variables, f) for f in feats2],
             "engine, CTE-NHD": lambda: score("nhd"),
             "engine, CTE-VRand": lambda: score("vrand"),
             "rank(), CTE-NHD, end to end": lambda: rank(models, target, perturbations=[pert], metrics=["nhd"],

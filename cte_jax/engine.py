@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import zlib
 from typing import Sequence
 
@@ -39,6 +40,32 @@ def default_strategy() -> str:
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
+CPU_CHUNK_PIXELS = 2 * 128 * 128  # measured on AVX2 EPYC: see benchmarks/README.md, "What changed"
+
+
+def default_chunk_pixels() -> int:
+    """Pixels per image sub-batch inside the scoring program: on CPU, small sub-batches keep
+    each layer's activations in cache (a batch of 8 images 128x128 ran 10-15 % slower per image
+    than sub-batches of 2); accelerators take the whole batch (0). ``CTE_JAX_CHUNK_PIXELS``
+    overrides it (0 = whole batch)."""
+    env = os.environ.get("CTE_JAX_CHUNK_PIXELS", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"CTE_JAX_CHUNK_PIXELS must be an integer, got {env!r}") from None
+    return CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else 0
+
+
+def chunk_size(batch: int, h: int, w: int, chunk_pixels: int) -> int:
+    """Images per sub-batch: the largest divisor of ``batch`` holding at most ``chunk_pixels``
+    pixels (at least 1 image); the whole batch when ``chunk_pixels`` is 0."""
+    if chunk_pixels <= 0:
+        return batch
+    most = max(1, chunk_pixels // max(h * w, 1))
+    return max(d for d in range(1, min(batch, most) + 1) if batch % d == 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything static about one compiled scoring program (hashable: the compile cache key)."""
@@ -51,6 +78,7 @@ class Plan:
     strategy: str = "map"
     precision: str = "float32"
     mc_samples: int = MC_SAMPLES  # perturbed draws per image for "mcdropout" (only then computed)
+    chunk_pixels: int = 0  # image sub-batches of at most this many pixels per model ("map" only); 0 = whole batch
 
     def __post_init__(self):
         bad = [m for m in self.metrics if m not in METRICS]
@@ -62,6 +90,8 @@ class Plan:
             raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.mc_samples < 2:
             raise ValueError(f"mc_samples must be >= 2, got {self.mc_samples}")
+        if self.chunk_pixels < 0:
+            raise ValueError(f"chunk_pixels must be >= 0, got {self.chunk_pixels}")
 
     @property
     def draws(self) -> int:
@@ -218,9 +248,21 @@ def scoring_function(plan: Plan):
     """
 
     def run(variables, channels, norm_idx, model_ids, inputs, boxes, unit_ids, key):
+        b, h, w = inputs.shape[1:4]
+        c = b if plan.strategy == "vmap" else chunk_size(b, h, w, plan.chunk_pixels)
+
         def one(args):
             v, ch, ni, mid = args
-            return _score_one_model(plan, v, ch, ni, mid, inputs, boxes, unit_ids, key)
+            if c == b:
+                return _score_one_model(plan, v, ch, ni, mid, inputs, boxes, unit_ids, key)
+            # Sub-batches of c images, looped: every per-image result is the same as in one call
+            # (dropout keys come from unit ids), only the working set shrinks.
+            n = b // c
+            sub = (jnp.moveaxis(inputs.reshape((inputs.shape[0], n, c) + inputs.shape[2:]), 1, 0),
+                   boxes.reshape(n, c, 4), unit_ids.reshape(n, c))
+            s, val, fg = jax.lax.map(lambda a: _score_one_model(plan, v, ch, ni, mid, *a, key), sub)
+            merge = lambda a: jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (b,))  # (n ... c) -> (... b)
+            return merge(s), merge(val), fg.reshape(b)
 
         xs = (variables, channels, norm_idx, model_ids)
         if plan.strategy == "vmap":

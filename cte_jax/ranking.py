@@ -184,7 +184,8 @@ def _groups(models: Sequence[Model], index: Sequence[int], perts, metrics, thres
         key = (m.spec.key(), m.task)
         if key not in by_key:
             plan = engine.Plan(spec=m.spec, perturbations=tuple(perts), metrics=tuple(metrics), task=m.task,
-                               threshold=threshold, strategy=strategy, precision=precision)
+                               threshold=threshold, strategy=strategy, precision=precision,
+                               chunk_pixels=engine.default_chunk_pixels())
             by_key[key] = _Group(plan, [])
         by_key[key].models.append(m)
         positions[key].append(i)

@@ -58,14 +58,16 @@ def test_bench_rank_quick(tmp_path):
     n_models = len(res["config"]["archs"]) * res["config"]["per_arch"]
     for metric in res["config"]["metrics"]:
         r = res["results"][metric]
-        assert set(r) == {"cte_jax", "torch reference-style", "torch best"}
+        batches = [f"torch best, batch {b}" for b in res["config"]["torch_batches"]]
+        assert set(r) == {"cte_jax", "torch reference-style", "torch best", *batches}
+        assert r["torch best"]["median_s"] == min(r[k]["median_s"] for k in batches)
         for c in r.values():
             assert 1 <= len(c["times_s"]) <= res["config"]["repeats"] and all(positive(t) for t in c["times_s"])
             assert positive(c["model_images_per_s"]) and positive(c["speedup_of_cte_jax"])
         assert r["cte_jax"]["speedup_of_cte_jax"] == pytest.approx(1.0)
         assert positive(r["cte_jax"]["first_call_s"])
         scores = res["scores"][metric]
-        for contender in r:
+        for contender in set(r) - {"torch best"}:
             assert len(scores[contender]) == n_models
             assert all(0.0 <= s <= 1.0 for s in scores[contender].values())
     assert res["compile"] and all(positive(c["lower_s"]) and positive(c["compile_s"]) for c in res["compile"])

@@ -1,5 +1,7 @@
 """The scoring engine and rank(): compile once, sweeps share work, scores match plain computations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +123,35 @@ def test_second_batch_does_not_recompile():
         p0 = np.asarray(UNet(SPEC).apply(models[0].variables, x[0]))[..., 0]
         np.testing.assert_allclose(fg[0], (p0 > 0.5).mean(axis=(1, 2)), atol=1e-6)
     assert fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("chunk_pixels", [32 * 32, 2 * 32 * 32, 5 * 32 * 32])
+def test_image_sub_batches_give_the_per_image_results_of_one_call(chunk_pixels):
+    models = _models(2)
+    perts = (parse_perturbation("noise:0.1"), parse_perturbation("dropout:0.2"))
+    variables = engine.stack_variables([m.variables for m in models])
+    args = (np.zeros(2, np.int32), np.zeros(2, np.int32), np.arange(2, dtype=np.int32))
+    x = np.random.default_rng(4).normal(size=(1, 6, 32, 32, 1)).astype(np.float32)
+    boxes = np.array([[0, 32, 0, 32]] * 5 + [[0, 20, 0, 25]], np.int32)
+    units = np.arange(6, dtype=np.int32) + 10
+    whole = engine.Plan(spec=SPEC, perturbations=perts, metrics=("nhd", "ei", "vrand"), chunk_pixels=0)
+    split = dataclasses.replace(whole, chunk_pixels=chunk_pixels)
+    assert engine.chunk_size(6, 32, 32, chunk_pixels) in (1, 2, 3)
+    a = engine.compiled_scorer(whole)(variables, *args, x, boxes, units, jax.random.key(1))
+    b = engine.compiled_scorer(split)(variables, *args, x, boxes, units, jax.random.key(1))
+    for u, v in zip(a, b):
+        assert u.shape == v.shape
+        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), atol=1e-5)
+    assert np.asarray(a[1]).any()
+
+
+def test_chunk_size_is_the_largest_divisor_that_fits():
+    assert engine.chunk_size(8, 128, 128, 0) == 8
+    assert engine.chunk_size(8, 128, 128, 2 * 128 * 128) == 2
+    assert engine.chunk_size(8, 128, 128, 3 * 128 * 128) == 2
+    assert engine.chunk_size(6, 128, 128, 3 * 128 * 128) == 3
+    assert engine.chunk_size(7, 320, 320, 2 * 128 * 128) == 1
+    assert engine.chunk_size(8, 16, 16, 10**9) == 8
 
 
 def test_black_box_member_scores_like_its_grey_box_twin(target):
