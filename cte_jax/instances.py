@@ -60,10 +60,11 @@ def _batched(fn, x: Array, *args) -> Array:
     return out.reshape(x.shape[:-2] + (h, w))
 
 
-@partial(jax.jit, static_argnames=("connectivity", "sequential"))
-def _foreground_instances(p, threshold, min_size, *, connectivity, sequential):
+@partial(jax.jit, static_argnames=("connectivity", "sequential", "remove_small"))
+def _foreground_instances(p, threshold, min_size, *, connectivity, sequential, remove_small=True):
     labels = connected_components(p > threshold, connectivity=connectivity)
-    labels = _batched(_remove_small_2d, labels, min_size)
+    if remove_small:  # a static min_size of 0 skips the size count
+        labels = _batched(_remove_small_2d, labels, min_size)
     if sequential:
         labels = relabel_sequential(labels)[0]
     return labels
@@ -95,8 +96,9 @@ def foreground_instances(p: Array, *, threshold: float = 0.5, min_size: int = 50
     p = _check_map(p, "p")
     _check_connectivity(connectivity)
     _check_min_size(min_size)
+    static_zero = isinstance(min_size, (int, np.integer)) and min_size == 0
     return _foreground_instances(p, threshold, min_size, connectivity=connectivity,
-                                 sequential=sequential)
+                                 sequential=sequential, remove_small=not static_zero)
 
 
 def _neighbour_views(a: Array, fill, connectivity: int) -> list[Array]:

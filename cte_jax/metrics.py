@@ -310,9 +310,29 @@ def _joint_pairs_two_keys(rank_a: Array, rank_b: Array) -> Array:
     return _run_pairs(jnp.cumsum(change, dtype=jnp.int32), ka > 0)
 
 
+def _joint_pairs_table(rank_a: Array, rank_b: Array, num_b: Array) -> Array:
+    """Joint pair count by counting the key ``(rank_a - 1) * K_b + rank_b`` in a table of n + 1
+    bins (no sort; several times faster on CPU). Exact only when ``K_a * K_b <= n``."""
+    both = (rank_a > 0) & (rank_b > 0)
+    return _rank_pairs(jnp.where(both, (rank_a - 1) * num_b + rank_b, 0))
+
+
+def _joint_pairs_sorted(rank_a: Array, rank_b: Array, num_a: Array, num_b: Array) -> Array:
+    """Joint pair count by sorting: packed keys up to 2**16 pixels, else as they fit."""
+    if rank_a.shape[0] <= 2**16:
+        return _joint_pairs_packed(rank_a, rank_b, num_b)
+    fits = num_b.astype(jnp.uint32) <= _NO_PAIR // jnp.maximum(num_a, 1).astype(jnp.uint32)
+    return lax.cond(fits, _joint_pairs_packed, lambda ra, rb, _: _joint_pairs_two_keys(ra, rb), rank_a, rank_b, num_b)
+
+
 def _rand_2d(seg: Array, seg_pert: Array, counted: Array, alpha,
-             table_size: int | None) -> tuple[Array, Array]:
-    """Foreground Rand F-score of one image pair (h w); see ``foreground_rand_score``."""
+             table_size: int | None, joint_table: bool = False) -> tuple[Array, Array]:
+    """Foreground Rand F-score of one image pair (h w); see ``foreground_rand_score``.
+
+    ``joint_table``: count the joint pairs in a table when ``K_a K_b <= h w`` (any real pair of
+    segmentations), by sorting otherwise; the choice is a ``lax.cond``, so only worth it when
+    images are looped (``lax.map``), not vmapped (which runs both branches).
+    """
     n = seg.size
     fg, fg_pert = seg > 0, seg_pert > 0
     m = (fg | fg_pert) & counted & ~_inner_band(seg, counted)
@@ -329,12 +349,12 @@ def _rand_2d(seg: Array, seg_pert: Array, counted: Array, alpha,
         rank_b, num_b, in_b = _table_ranks(b, table_size)
         in_range = in_a & in_b
     pairs_a, pairs_b = _rank_pairs(rank_a), _rank_pairs(rank_b)
-    if n <= 2**16:
-        pairs_ab = _joint_pairs_packed(rank_a, rank_b, num_b)
+    if joint_table:
+        fits = num_b <= n // jnp.maximum(num_a, 1)  # K_a K_b <= n, without overflow
+        pairs_ab = lax.cond(fits, lambda ra, rb, _, nb: _joint_pairs_table(ra, rb, nb), _joint_pairs_sorted,
+                            rank_a, rank_b, num_a, num_b)
     else:
-        fits = num_b.astype(jnp.uint32) <= _NO_PAIR // jnp.maximum(num_a, 1).astype(jnp.uint32)
-        pairs_ab = lax.cond(fits, _joint_pairs_packed,
-                            lambda ra, rb, _: _joint_pairs_two_keys(ra, rb), rank_a, rank_b, num_b)
+        pairs_ab = _joint_pairs_sorted(rank_a, rank_b, num_a, num_b)
     den = alpha * pairs_a + (1 - alpha) * pairs_b
     valid = jnp.any(fg & counted) & jnp.any(m) & (den > 0) & in_range
     score = pairs_ab / jnp.where(valid, den, 1)
@@ -365,7 +385,8 @@ def foreground_rand_score(seg: Array, seg_pert: Array, *, mask: Array | None = N
     Counts without a contingency matrix (static shapes, no x64): the ids of each segmentation
     are densely ranked, by a lookup table when they are bounded (``max_id``) or else by a sort
     and a binary search, and counted per rank (P_a, P_b); the pairs of ranks are packed into
-    one uint32 key and sorted, and runs of equal keys give P_ab. Packing is exact for images up
+    one uint32 key and sorted, and runs of equal keys give P_ab (on CPU, where images are looped,
+    the keys are counted in a table instead whenever K_a K_b <= h w). Packing is exact for images up
     to 2**16 pixels; above that a ``lax.cond`` per image falls back to a two-key sort when
     K_a K_b >= 2**32 (K = number of ids; never for real segmentations). Under an outer
     ``jax.vmap`` that cond runs both branches (correct, slower). Pair counts are summed in int32
@@ -417,11 +438,12 @@ def _rand_score(seg, seg_pert, mask, alpha, *, max_id):
     args = (seg, seg_pert, counted)
     # A lookup table beats sorting when the ids are bounded by a few times the pixel count.
     table_size = max_id + 1 if max_id is not None and max_id <= 4 * h * w + 2**16 else None
-    if h * w <= 2**16:
-        score, valid = jax.vmap(lambda s, t, c: _rand_2d(s, t, c, alpha, table_size))(*args)
+    if jax.default_backend() == "cpu" or h * w > 2**16:
+        # lax.map keeps the per-image lax.cond in _rand_2d a real branch (vmap would run both):
+        # on CPU the joint pairs are then counted in a table, 10x faster than sorting them.
+        score, valid = lax.map(lambda x: _rand_2d(*x, alpha, table_size, joint_table=True), args)
     else:
-        # lax.map keeps the per-image lax.cond in _rand_2d a real branch (vmap would run both).
-        score, valid = lax.map(lambda x: _rand_2d(*x, alpha, table_size), args)
+        score, valid = jax.vmap(lambda s, t, c: _rand_2d(s, t, c, alpha, table_size))(*args)
     return score.reshape(batch), valid.reshape(batch)
 
 

@@ -218,6 +218,27 @@ def test_vrand_max_id_bound():
         foreground_rand_score(seg, pert, max_id=-1)
 
 
+@pytest.mark.parametrize("cell", [4, 9])
+def test_vrand_dense_and_sparse_components_match_skimage(cell):
+    # Blocks of 3x3 on a grid of cell x cell: with cell 4 there are so many components that
+    # K_a K_b > h w and the joint pairs must be sorted; with cell 9 they fit the counting table.
+    h = w = 36
+    seg = np.zeros((h, w), np.int32)
+    pert = np.zeros((h, w), np.int32)
+    k = 0
+    for i in range(0, h - 3, cell):
+        for j in range(0, w - 3, cell):
+            k += 1
+            seg[i:i + 3, j:j + 3] = k
+            pert[i + 1:i + 4, j:j + 3] = 1 + (k * 7) % 50  # shifted, ids merged in groups
+    n_a, n_b = len(np.unique(seg)) - 1, len(np.unique(pert)) - 1
+    assert (n_a * n_b > h * w) == (cell == 4)
+    expected = vrand_oracle(seg, pert)
+    assert expected is not None and 0 < expected < 1
+    check(foreground_rand_score(seg, pert), expected)
+    check(foreground_rand_score(seg, pert, max_id=h * w), expected)
+
+
 def test_vrand_invalid_cases():
     empty = np.zeros((4, 4), np.int32)
     some = np.pad(np.ones((2, 2), np.int32), 1)
