@@ -110,6 +110,22 @@ def _activation(letter: str, x: Array, leaky_slope: float = 0.1) -> Array:
     return nn.elu(x)
 
 
+def _conv3x3_one_channel(x: Array, kernel: Array) -> Array:
+    """3x3 'same' convolution of a one-channel x (b h w 1) as nine shifted multiply-adds.
+
+    A grey image's first layer: as a convolution, XLA:CPU (and YNNPACK) spend as long on 1->8
+    channels as on 8->16 (1.1 ms for two 128x128 images); nine broadcast products fuse into one
+    loop that takes 0.15 ms. Equal to the convolution up to float rounding."""
+    h, w = x.shape[1:3]
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = None
+    for i in range(3):
+        for j in range(3):
+            term = p[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
 class Conv3x3(nn.Module):
     """3x3 convolution, padding 1, with ``flax.linen.Conv``'s parameters (``kernel`` (3 3 in out),
     ``bias``) and initialisers, that can also convolve a contiguous range of its input channels
@@ -128,6 +144,8 @@ class Conv3x3(nn.Module):
         kernel = kernel.astype(x.dtype)
 
         def conv(a, k):
+            if a.shape[-1] == 1:
+                return _conv3x3_one_channel(a, k)
             return jax.lax.conv_general_dilated(a, k, (1, 1), ((1, 1), (1, 1)),
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 

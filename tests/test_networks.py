@@ -181,3 +181,24 @@ def test_decode_shared_equals_a_full_decode_of_the_perturbed_bottleneck(kw):
     want = net.apply(v, pert_feats, method=UNet.decode_logits)
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert float(jnp.abs(want - clean).max()) > 1e-2  # the perturbation did change the output
+
+
+@pytest.mark.parametrize("cout", [1, 8])
+def test_one_channel_conv_equals_lax_conv(cout):
+    from cte_jax.networks import Conv3x3
+
+    rng = np.random.default_rng(cout)
+    x = jnp.asarray(rng.normal(size=(2, 9, 13, 1)).astype(np.float32))
+    conv = Conv3x3(cout)
+    v = conv.init(jax.random.key(0), x)
+    v = {"params": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, cout)).astype(np.float32)),
+                    "bias": jnp.asarray(rng.normal(size=(cout,)).astype(np.float32))}}
+    want = jax.lax.conv_general_dilated(x, v["params"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
+    # A numpy oracle of the borders: zero padding, cross-correlation as torch and lax define it.
+    xp = np.pad(np.asarray(x[..., 0]), ((0, 0), (1, 1), (1, 1)))
+    k = np.asarray(v["params"]["kernel"])[:, :, 0]
+    oracle = sum(xp[:, i:i + 9, j:j + 13, None] * k[i, j] for i in range(3) for j in range(3)) + np.asarray(v["params"]["bias"])
+    got = conv.apply(v, x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, oracle, atol=1e-5)
