@@ -279,6 +279,28 @@ def write_grey_box(*, out: Path, spec: UNetSpec, variables: dict, normalization:
     return save_model(model, out, overwrite=overwrite)
 
 
+def convert_checkpoint(source: str | os.PathLike, *, from_state_dict, converter: str, default_normalize: str,
+                       arch: Any, normalize: Any, out: str | os.PathLike | None, bank: str | os.PathLike | None,
+                       overwrite: bool, task: str, channel: int) -> Path:
+    """The body of the PyTorch state-dict converters: read the checkpoint's tensors (never its
+    code), map them with ``from_state_dict(state, arch, source=...)``, and write a grey-box model
+    directory whose provenance names ``converter``, the file, its SHA-256 and the settings used."""
+    from converters import torch_pickle
+
+    source = Path(source)
+    target = resolve_out(out, bank, source.stem)
+    if target.exists() and not overwrite:
+        raise CTEError("already exists (choose another --out or remove it)", target)
+    state = torch_pickle.load_state_dict(source)
+    spec, variables = from_state_dict(state, arch, source=source)
+    norm = normalization_dict(normalize, default=default_normalize, in_channels=spec.in_channels, source=source)
+    provenance = {"converter": converter, "source": str(source.resolve()), "sha256": sha256_of(source),
+                  "arch_kwargs": parse_kwargs_text(arch),
+                  "normalization_from": "--normalize" if normalize is not None else f"default ({default_normalize})"}
+    return write_grey_box(out=target, spec=spec, variables=variables, normalization=norm, provenance=provenance,
+                          task=task, channel=channel, overwrite=overwrite)
+
+
 def write_black_box(*, out: Path, onnx_file: Path, description: dict, overwrite: bool = False) -> Path:
     """Write a black-box model directory (model.json + the ONNX file) atomically."""
     from cte_jax.modelio import FORMAT, MODEL_FILE, write_model_dir

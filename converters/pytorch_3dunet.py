@@ -223,15 +223,6 @@ def convert(source: str | os.PathLike, *, arch: Any = None, normalize: Any = Non
     Raises:
       CTEError: unreadable file, bad --arch, weights that do not fit (listed by name).
     """
-    source = Path(source)
-    target = C.resolve_out(out, bank, source.stem)
-    if target.exists() and not overwrite:
-        raise CTEError("already exists (choose another --out or remove it)", target)
-    state = torch_pickle.load_state_dict(source)
-    spec, variables = from_state_dict(state, arch, source=source)
-    norm = C.normalization_dict(normalize, default=DEFAULT_NORMALIZE, in_channels=spec.in_channels, source=source)
-    provenance = {"converter": f"converters.pytorch_3dunet ({FORMAT})", "source": str(source.resolve()),
-                  "sha256": C.sha256_of(source), "arch_kwargs": C.parse_kwargs_text(arch),
-                  "normalization_from": "--normalize" if normalize is not None else f"default ({DEFAULT_NORMALIZE})"}
-    return C.write_grey_box(out=target, spec=spec, variables=variables, normalization=norm, provenance=provenance,
-                            task=task, channel=channel, overwrite=overwrite)
+    return C.convert_checkpoint(source, from_state_dict=from_state_dict, converter=f"converters.pytorch_3dunet ({FORMAT})",
+                                default_normalize=DEFAULT_NORMALIZE, arch=arch, normalize=normalize, out=out,
+                                bank=bank, overwrite=overwrite, task=task, channel=channel)
