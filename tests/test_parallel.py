@@ -142,8 +142,10 @@ def _child_multidevice(target: str, out: str) -> None:
     (out / "info.json").write_text(json.dumps(info))
 
 
-def test_four_devices_give_the_single_device_scores(tmp_path):
+def test_four_devices_give_the_single_device_scores(tmp_path, monkeypatch):
     target = write_disc_images(tmp_path / "target", 4, seed=1)
+    # One 32x32 image per sub-batch, on every side: sharded programs loop over sub-batches too.
+    monkeypatch.setenv("CTE_JAX_CHUNK_PIXELS", "1024")
     proc = subprocess.run([sys.executable, __file__, "multidevice", str(target), str(tmp_path)], cwd=ROOT,
                           env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", CTE_JAX_CACHE_DIR="off"),
                           capture_output=True, text=True, timeout=600)

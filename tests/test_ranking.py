@@ -145,6 +145,16 @@ def test_image_sub_batches_give_the_per_image_results_of_one_call(chunk_pixels):
     assert np.asarray(a[1]).any()
 
 
+def test_chunk_pixels_default_and_override(monkeypatch):
+    monkeypatch.delenv("CTE_JAX_CHUNK_PIXELS", raising=False)
+    assert engine.default_chunk_pixels() == (engine.CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else 0)
+    monkeypatch.setenv("CTE_JAX_CHUNK_PIXELS", "0")
+    assert engine.default_chunk_pixels() == 0
+    monkeypatch.setenv("CTE_JAX_CHUNK_PIXELS", "lots")
+    with pytest.raises(ValueError, match="CTE_JAX_CHUNK_PIXELS"):
+        engine.default_chunk_pixels()
+
+
 def test_chunk_size_is_the_largest_divisor_that_fits():
     assert engine.chunk_size(8, 128, 128, 0) == 8
     assert engine.chunk_size(8, 128, 128, 2 * 128 * 128) == 2
