@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 def requested_kernels() -> str:
     value = os.environ.get(ENV, "ynn").strip().lower() or "ynn"
     if value not in KERNELS:
-        raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(KERNELS)}")
+        from cte_jax.errors import CTEError
+
+        raise CTEError(f"environment variable {ENV}={value!r}: choose one of {', '.join(KERNELS)}")
     return value
 
 

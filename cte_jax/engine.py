@@ -53,7 +53,10 @@ def default_chunk_pixels() -> int:
         try:
             return max(0, int(env))
         except ValueError:
-            raise ValueError(f"CTE_JAX_CHUNK_PIXELS must be an integer, got {env!r}") from None
+            from cte_jax.errors import CTEError
+
+            raise CTEError(f"environment variable CTE_JAX_CHUNK_PIXELS must be a pixel count (0 = whole "
+                           f"batches), got {env!r}") from None
     return CPU_CHUNK_PIXELS if jax.default_backend() == "cpu" else 0
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from cte_jax import backend, engine
 from cte_jax.arch import UNetSpec
+from cte_jax.errors import CTEError
 from cte_jax.modelio import Model
 from cte_jax.networks import init_variables
 from cte_jax.ranking import rank
@@ -17,7 +18,7 @@ def test_opt_out_and_bad_values(monkeypatch):
     monkeypatch.setenv(backend.ENV, "xla")
     assert backend.compiler_options() == {}
     monkeypatch.setenv(backend.ENV, "fastest")
-    with pytest.raises(ValueError, match=backend.ENV):
+    with pytest.raises(CTEError, match=backend.ENV):
         backend.compiler_options()
 
 

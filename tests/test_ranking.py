@@ -10,6 +10,7 @@ from PIL import Image
 
 from cte_jax import engine
 from cte_jax.arch import UNetSpec
+from cte_jax.errors import CTEError
 from cte_jax.modelio import Model, save_model
 from cte_jax.networks import UNet, init_variables
 from cte_jax.perturbations import parse_perturbation
@@ -151,7 +152,7 @@ def test_chunk_pixels_default_and_override(monkeypatch):
     monkeypatch.setenv("CTE_JAX_CHUNK_PIXELS", "0")
     assert engine.default_chunk_pixels() == 0
     monkeypatch.setenv("CTE_JAX_CHUNK_PIXELS", "lots")
-    with pytest.raises(ValueError, match="CTE_JAX_CHUNK_PIXELS"):
+    with pytest.raises(CTEError, match="CTE_JAX_CHUNK_PIXELS"):
         engine.default_chunk_pixels()
 
 
