@@ -14,7 +14,7 @@ from typing import Any, Callable, Container, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from cte_jax import engine
+from cte_jax import backend, engine
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model, load_bank
 from cte_jax.perturbations import Perturbation, parse_perturbation
@@ -282,6 +282,9 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
         raise CTEError(f"unknown shard mode {shard!r}; choose from {', '.join(parallel.SHARD_MODES)}")
     if resume and results is None:
         raise CTEError("resuming needs the results file of the interrupted run")
+    # Environment variables that select kernels and sub-batches: refuse bad values before any work.
+    backend.requested_kernels()
+    engine.default_chunk_pixels()
     strategy = engine.default_strategy() if strategy == "auto" else strategy
     tgt = data.open_target(target, dataset=dataset) if isinstance(target, (str, Path)) else target
     if len(tgt) == 0:

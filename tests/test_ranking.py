@@ -156,6 +156,13 @@ def test_chunk_pixels_default_and_override(monkeypatch):
         engine.default_chunk_pixels()
 
 
+@pytest.mark.parametrize("var", ["CTE_JAX_CPU_KERNELS", "CTE_JAX_CHUNK_PIXELS"])
+def test_bad_environment_is_refused_before_any_work(var, monkeypatch, tmp_path):
+    monkeypatch.setenv(var, "nonsense")
+    with pytest.raises(CTEError, match=var):  # checked before the (missing) target is opened
+        rank(_models(1), tmp_path / "no_such_target", progress=False)
+
+
 def test_chunk_size_is_the_largest_divisor_that_fits():
     assert engine.chunk_size(8, 128, 128, 0) == 8
     assert engine.chunk_size(8, 128, 128, 2 * 128 * 128) == 2
