@@ -45,7 +45,7 @@ CPU_CHUNK_PIXELS = 2 * 128 * 128  # measured on AVX2 EPYC: see benchmarks/README
 
 def default_chunk_pixels() -> int:
     """Pixels per image sub-batch inside the scoring program: on CPU, small sub-batches keep
-    each layer's activations in cache (a batch of 8 images 128x128 ran 10-15 % slower per image
+    each layer's activations in cache (a batch of 8 images 128x128 ran 10-13 % slower per image
     than sub-batches of 2); accelerators take the whole batch (0). ``CTE_JAX_CHUNK_PIXELS``
     overrides it (0 = whole batch)."""
     env = os.environ.get("CTE_JAX_CHUNK_PIXELS", "").strip()
