@@ -266,7 +266,7 @@ def summarise(results: dict[str, dict], perf: dict[str, dict[str, float]], *, se
                     continue
                 s_key = "corrected" if v == "corrected" else "scores"
                 pairs = [(m[s_key].get(key), perf[t][m["model"]]) for m in r["models"]
-                         if not (v == "unflagged" and (m["low_foreground"] or m.get("high_foreground")))]
+                         if not (v == "unflagged" and E.is_flagged(m))]
                 if v == "two_sided":
                     pairs = [(two_sided(m["scores"].get(key), m.get("foreground_fraction"),
                                         r.get("median_foreground_fraction")), perf[t][m["model"]])

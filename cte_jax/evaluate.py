@@ -250,6 +250,12 @@ def image_performance(p: np.ndarray, label: np.ndarray, *, performance: str, tas
 
 
 # -- statistics -------------------------------------------------------------------------------------
+def is_flagged(model_row: Mapping[str, Any]) -> bool:
+    """Whether ``rank`` flagged this model: foreground far below (``low_foreground``) or far above
+    (``high_foreground``) the bank's median. Rows saved before the high flag existed lack it."""
+    return bool(model_row.get("low_foreground") or model_row.get("high_foreground"))
+
+
 def corrected_scores(scores: Sequence[float | None], fg: Sequence[float | None], flagged: Sequence[bool], *,
                      correction: str, bounded: bool = True) -> list[float | None] | None:
     """The ``correction`` variant of one estimator's scores (see the module docstring).
@@ -438,7 +444,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
 
     # Statistics per estimator and variant, and the corrected scores beside the paper's.
     perf = [r["performance"] for r in table]
-    flagged = [r["low_foreground"] or r["high_foreground"] for r in table]
+    flagged = [is_flagged(r) for r in table]
     fg = [r["foreground_fraction"] for r in table]
     known_fg = [f for f in fg if f is not None]
     estimators: dict[str, Any] = {}
@@ -464,7 +470,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
         "aggregate": o.aggregate, "n_images": len(names), "perturbations": list(o.perturbations),
         "metrics": list(o.metrics), "baselines": list(o.baselines), "correction": o.correction,
         "median_foreground_fraction": float(np.median(known_fg)) if known_fg else None,
-        "flagged": [r["model"] for r in table if r["low_foreground"] or r["high_foreground"]],
+        "flagged": [r["model"] for r in table if is_flagged(r)],
         "models": table, "estimators": estimators, "seed": o.seed,
     }
     return result, {"images": image_rows, "units": unit_rows}
@@ -681,7 +687,7 @@ def summarize_targets(results: Mapping[str, Mapping[str, Any]]) -> tuple[dict[st
                 # The variant's own model set and scores: unflagged drops flagged models.
                 s_key = "corrected" if v == "corrected" else "scores"
                 pairs = [(row[s_key].get(key), row["performance"]) for row in r["models"]
-                         if not (v == "unflagged" and (row["low_foreground"] or row.get("high_foreground")))]
+                         if not (v == "unflagged" and is_flagged(row))]
                 pairs = [p for p in pairs if p[0] is not None]
                 if len(pairs) >= 2:
                     per_target[name] = ([p[0] for p in pairs], [p[1] for p in pairs])
