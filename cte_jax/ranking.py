@@ -175,7 +175,8 @@ class _Group:
         return channels, norm_idx, model_ids
 
 
-def _groups(models: Sequence[Model], index: Sequence[int], perts, metrics, threshold, strategy, precision) -> list[_Group]:
+def _groups(models: Sequence[Model], index: Sequence[int], perts, metrics, threshold, strategy, precision,
+            chunk_pixels) -> list[_Group]:
     by_key: dict[tuple, _Group] = {}
     positions: dict[tuple, list[int]] = defaultdict(list)
     for m, i in zip(models, index):
@@ -185,7 +186,7 @@ def _groups(models: Sequence[Model], index: Sequence[int], perts, metrics, thres
         if key not in by_key:
             plan = engine.Plan(spec=m.spec, perturbations=tuple(perts), metrics=tuple(metrics), task=m.task,
                                threshold=threshold, strategy=strategy, precision=precision,
-                               chunk_pixels=engine.default_chunk_pixels())
+                               chunk_pixels=chunk_pixels)
             by_key[key] = _Group(plan, [])
         by_key[key].models.append(m)
         positions[key].append(i)
@@ -284,7 +285,7 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
         raise CTEError("resuming needs the results file of the interrupted run")
     # Environment variables that select kernels and sub-batches: refuse bad values before any work.
     backend.requested_kernels()
-    engine.default_chunk_pixels()
+    chunk_pixels = engine.default_chunk_pixels()
     strategy = engine.default_strategy() if strategy == "auto" else strategy
     tgt = data.open_target(target, dataset=dataset) if isinstance(target, (str, Path)) else target
     if len(tgt) == 0:
@@ -301,7 +302,8 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
     n_proc, proc = jax.process_count(), jax.process_index()
     model_share, image_share = parallel.process_share(len(models), len(tgt), n_proc, proc)
     executor = parallel.Executor(devices=devices, shard=shard)
-    groups = _groups([models[i] for i in model_share], model_share, perts, metrics, threshold, strategy, precision)
+    groups = _groups([models[i] for i in model_share], model_share, perts, metrics, threshold, strategy, precision,
+                     chunk_pixels)
     black_boxes = [i for i in model_share if models[i].is_black_box]
     feature_perts = [p for p in perts if p.is_feature]
     key = jax.random.key(seed)
