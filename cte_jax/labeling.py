@@ -48,37 +48,118 @@ def _compress(parent: Array) -> Array:
     return p
 
 
-def _components_2d(mask: Array, connectivity: int) -> Array:
-    """Labels (h w) int32 of one bool mask (h w): 1 + smallest flat index of the component."""
-    h, w = mask.shape
-    n = h * w
-    sentinel = n  # background points at an extra cell ``n`` that points at itself
-    idx = jnp.arange(n, dtype=jnp.int32).reshape(h, w)
+def _hook_until_stable(parent: Array, neighbour_min, active: Array) -> Array:
+    """Run hook-and-compress rounds on a forest ``parent`` (n + 1,) until nothing changes.
 
-    # Start from horizontal runs: every pixel points at the first pixel of its run. This is
-    # exact within rows and removes the O(width) part of the propagation for free.
-    left = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)), constant_values=False)
-    run_start = jnp.where(mask & ~left, idx, -1)
-    run_start = lax.cummax(run_start, axis=1)
-    lab0 = jnp.where(mask, run_start, sentinel)
-    parent0 = jnp.concatenate([lab0.reshape(-1), jnp.array([sentinel], jnp.int32)])
+    ``parent[:n]`` covers the nodes of an (H W) grid, ``parent[n]`` is the sentinel that inactive
+    nodes point at. Invariant: every pointer goes to a node of smaller index in the same
+    component. ``neighbour_min`` maps the (H W) grid of current labels to the smallest label among
+    each node's connected neighbours (the sentinel where there is none).
+    """
+    n = parent.shape[0] - 1
+    shape = active.shape
+    sentinel = n
 
     def cond(state):
         return state[1]
 
     def body(state):
         parent, _ = state
-        # Invariant: parent[i] <= i lies in i's component, and (after compression) is a root.
-        lab = parent[:n].reshape(h, w)
-        m = _neighbour_min(lab, connectivity=connectivity, fill=sentinel)
-        m = jnp.where(mask, m, sentinel).reshape(-1)
-        # Hook: each root adopts the smallest root seen next to any of its pixels.
+        lab = parent[:n].reshape(shape)
+        m = jnp.where(active, neighbour_min(lab), sentinel).reshape(-1)
+        # Hook: each node's parent adopts the smallest label seen next to the node.
         new = parent.at[parent[:n]].min(m)
         new = _compress(jnp.concatenate([jnp.minimum(new[:n], m), new[n:]]))
         return new, jnp.any(new != parent)
 
-    parent, _ = lax.while_loop(cond, body, (parent0, jnp.bool_(True)))
+    parent, _ = lax.while_loop(cond, body, (parent, jnp.bool_(True)))
+    return parent
+
+
+def _run_starts(active: Array, joined_left: Array) -> Array:
+    """Forest (n + 1,) in which every active node of an (H W) grid points at the first node of its
+    horizontal run (``joined_left``: the node is connected to its left neighbour); inactive nodes
+    point at the sentinel ``n``. Exact within rows, so rounds only have to join rows."""
+    h, w = active.shape
+    n = h * w
+    idx = jnp.arange(n, dtype=jnp.int32).reshape(h, w)
+    run_start = lax.cummax(jnp.where(active & ~joined_left, idx, -1), axis=1)
+    lab0 = jnp.where(active, run_start, n)
+    return jnp.concatenate([lab0.reshape(-1), jnp.array([n], jnp.int32)])
+
+
+def _components_pixels(mask: Array, connectivity: int) -> Array:
+    """Labels (h w) int32 of one bool mask (h w), one graph node per pixel (any connectivity)."""
+    h, w = mask.shape
+    n = h * w
+    left = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)), constant_values=False)
+    parent = _hook_until_stable(
+        _run_starts(mask, left),
+        lambda lab: _neighbour_min(lab, connectivity=connectivity, fill=n), mask)
     return jnp.where(mask, parent[:n].reshape(h, w) + 1, 0).astype(jnp.int32)
+
+
+def _shifted(x: Array, dy: int, dx: int, fill) -> Array:
+    """``y[i, j] = x[i + dy, j + dx]`` for |dy|, |dx| <= 1, ``fill`` outside ``x``."""
+    h, w = x.shape
+    pad = jnp.pad(x, 1, constant_values=fill)
+    return pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+def _components_blocks(mask: Array) -> Array:
+    """8-connected labels (h w) int32 of one bool mask, one graph node per 2x2 block of pixels.
+
+    Under 8-connectivity the foreground pixels of a 2x2 block all touch one another, so a block
+    is one node and the graph has a quarter of the pixels' nodes (the block-based labelling of
+    Grana et al. 2010). Two neighbouring blocks are joined when a foreground pixel of one touches
+    a foreground pixel of the other: for side neighbours, when both facing pixel pairs hold
+    foreground (the two rows or columns of a block are within one pixel of each other); for
+    corner neighbours, when the two facing corner pixels do. Rounds of hooking then work on the
+    (h/2 w/2) block grid; the block labels are mapped back to pixels, and each component takes
+    the smallest flat index of its pixels, so ids are those of the pixel algorithm.
+    """
+    h, w = mask.shape
+    bh, bw = (h + 1) // 2, (w + 1) // 2
+    nb = bh * bw
+    m = jnp.pad(mask, ((0, 2 * bh - h), (0, 2 * bw - w)))
+    tl, tr, bl, br = m[0::2, 0::2], m[0::2, 1::2], m[1::2, 0::2], m[1::2, 1::2]
+    active = tl | tr | bl | br
+    left_col, right_col, top_row, bottom_row = tl | bl, tr | br, tl | tr, bl | br
+    # Joins, stored at the upper / left block of each pair.
+    join_right = jnp.pad(right_col[:, :-1] & left_col[:, 1:], ((0, 0), (0, 1)))   # (i, j)-(i, j+1)
+    join_down = jnp.pad(bottom_row[:-1] & top_row[1:], ((0, 1), (0, 0)))          # (i, j)-(i+1, j)
+    join_down_right = jnp.pad(br[:-1, :-1] & tl[1:, 1:], ((0, 1), (0, 1)))        # (i, j)-(i+1, j+1)
+    join_down_left = jnp.pad(bl[:-1, 1:] & tr[1:, :-1], ((0, 1), (0, 1)))         # (i, j+1)-(i+1, j)
+    # For every block: whether it is joined to its neighbour at offset (dy, dx).
+    gates = (
+        (join_right, 0, 1), (_shifted(join_right, 0, -1, False), 0, -1),
+        (join_down, 1, 0), (_shifted(join_down, -1, 0, False), -1, 0),
+        (join_down_right, 1, 1), (_shifted(join_down_right, -1, -1, False), -1, -1),
+        (_shifted(join_down_left, 0, -1, False), 1, -1), (_shifted(join_down_left, -1, 0, False), -1, 1),
+    )
+
+    def neighbour_min(lab):
+        out = lab
+        for gate, dy, dx in gates:
+            out = jnp.minimum(out, jnp.where(gate, _shifted(lab, dy, dx, nb), nb))
+        return out
+
+    parent = _hook_until_stable(_run_starts(active, gates[1][0]), neighbour_min, active)
+    root = parent[:nb].reshape(bh, bw)
+    pixel_root = jnp.repeat(jnp.repeat(root, 2, axis=0), 2, axis=1)[:h, :w].reshape(-1)
+    fg = mask.reshape(-1)
+    n = h * w
+    # Smallest flat pixel index per component (scatter-min keyed by the block root).
+    first = jnp.full((nb + 1,), n, jnp.int32).at[jnp.where(fg, pixel_root, nb)].min(
+        jnp.arange(n, dtype=jnp.int32))
+    return jnp.where(fg, first[pixel_root] + 1, 0).reshape(h, w).astype(jnp.int32)
+
+
+def _components_2d(mask: Array, connectivity: int) -> Array:
+    """Labels (h w) int32 of one bool mask (h w): 1 + smallest flat index of the component."""
+    if connectivity == 8:
+        return _components_blocks(mask)
+    return _components_pixels(mask, connectivity)
 
 
 def connected_components(mask: Array, *, connectivity: int = 8) -> Array:
@@ -92,12 +173,15 @@ def connected_components(mask: Array, *, connectivity: int = 8) -> Array:
     connectivity=1 or 2)``.
 
     Algorithm (label equivalence with hooking and pointer jumping, all in ``lax.while_loop``):
-    every pixel starts pointing at the first pixel of its horizontal run; each round, every
-    pixel takes the minimum label in its neighbourhood, hooks its root onto that label
+    every node starts pointing at the first node of its horizontal run; each round, every
+    node takes the minimum label among its connected neighbours, hooks its root onto that label
     (scatter-min), and all pointers are compressed (``parent = parent[parent]``) until they
     point at roots. Rounds stop when nothing changes; for typical masks this takes a few
     rounds, far fewer than the component diameter (measured on 320x320: 2-3 rounds for
     one-pixel snakes and spirals, 4-6 for random masks near the percolation threshold).
+    With 4-connectivity the nodes are pixels. With 8-connectivity they are 2x2 blocks of
+    pixels, whose foreground pixels always touch one another (block-based labelling): the graph
+    has a quarter of the nodes, which made labelling 3.5x faster on CPU (16 masks of 128x128).
     Shapes are static throughout.
 
     Args:
@@ -110,7 +194,9 @@ def connected_components(mask: Array, *, connectivity: int = 8) -> Array:
 
     References:
       K. Hawick, A. Leist, D. Playne (2010), "Parallel graph component labelling with GPUs and
-      CUDA", Parallel Computing 36(12). Y. Shiloach, U. Vishkin (1982), "An O(log n) parallel
+      CUDA", Parallel Computing 36(12). C. Grana, D. Borghesani, R. Cucchiara (2010), "Optimized
+      block-based connected components labeling with decision trees", IEEE Trans. Image
+      Process. 19(6). Y. Shiloach, U. Vishkin (1982), "An O(log n) parallel
       connectivity algorithm", J. Algorithms 3(1).
     """
     _check_connectivity(connectivity)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 
 from cte_jax.labeling import connected_components, relabel_sequential
 
@@ -70,6 +71,27 @@ def test_diagonal_neighbours_depend_on_connectivity():
     mask = np.eye(5, dtype=bool) | np.eye(5, dtype=bool)[::-1]
     assert len(np.unique(connected_components(mask, connectivity=8))) - 1 == 1
     assert len(np.unique(connected_components(mask, connectivity=4))) - 1 == 9
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (5, 3)])
+def test_every_small_mask_matches_scipy(shape):
+    """Every mask of the shape: each way two 2x2 blocks can touch (8-connectivity labels blocks),
+    and odd sizes, whose last block row or column is half outside the image. The oracle is
+    scipy.ndimage.label on the stack, with a structuring element that never joins two masks."""
+    h, w = shape
+    codes = np.arange(2 ** (h * w), dtype=np.int64)
+    masks = ((codes[:, None] >> np.arange(h * w)) & 1).astype(bool).reshape(-1, h, w)
+    for connectivity in (4, 8):
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+        sp, _ = ndimage.label(masks, structure=structure)
+        flat = sp.reshape(len(masks), -1)
+        first = np.full(sp.max() + 1, h * w)
+        np.minimum.at(first, flat, np.broadcast_to(np.arange(h * w), flat.shape))
+        want = np.where(flat > 0, first[flat] + 1, 0).reshape(masks.shape)
+        ours = np.asarray(connected_components(masks, connectivity=connectivity))
+        bad = np.flatnonzero((ours != want).any(axis=(1, 2)))
+        assert bad.size == 0, f"connectivity {connectivity}: first wrong mask\n{masks[bad[0]].astype(int)}"
 
 
 def snake(h: int, w: int) -> np.ndarray:
