@@ -552,6 +552,27 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+QUICK_NOTE = "--quick is a smoke test: tiny models, persistent compilation cache on"
+
+
+def configure(args: argparse.Namespace, quick: dict, full: dict, overrides: Sequence[str] = ("repeats",)) -> dict:
+    """The configuration a benchmark runs: ``quick`` or ``full``, with the command line's
+    ``overrides`` (arguments given as other than None replace the entries of the same name).
+
+    ``--quick`` also turns on the user-level persistent compilation cache: it is a smoke test,
+    and its compile figures are cache loads after the first run.
+    """
+    cfg = dict(quick if args.quick else full)
+    for key in overrides:
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    if args.quick:
+        from cte_jax.cache import enable_compilation_cache
+
+        enable_compilation_cache()
+    return cfg
+
+
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
 

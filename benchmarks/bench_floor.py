@@ -59,9 +59,7 @@ def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, default=0.1)
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        cfg["repeats"] = args.repeats
+    cfg = C.configure(args, QUICK, FULL)
 
     import jax
     import jax.numpy as jnp
@@ -78,10 +76,7 @@ def main(argv=None) -> dict:
              "GFLOP/s of the floor-equivalent work: conv FLOPs of encoder + 2 decoders per model-image, "
              "divided by the contender's time"]
     if args.quick:
-        from cte_jax.cache import enable_compilation_cache
-
-        enable_compilation_cache()
-        notes.append("--quick is a smoke test: tiny models, persistent compilation cache on")
+        notes.append(C.QUICK_NOTE)
 
     spec = UNetSpec(**cfg["spec"])
     size, b = cfg["size"], cfg["batch_size"]

@@ -41,9 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--metrics", nargs="+", default=["nhd", "vrand"], choices=["nhd", "ei", "vrand"])
     p.add_argument("--rate", type=float, default=0.1)
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        cfg["repeats"] = args.repeats
+    cfg = C.configure(args, QUICK, FULL)
 
     from cte_jax.arch import UNetSpec
     from cte_jax.stats import kendall_tau, spearman_rho
@@ -52,10 +50,7 @@ def main(argv=None) -> dict:
     notes = ["speed ratio = median float32 time / median bfloat16 time (> 1: bfloat16 is faster); "
              "steady state, first calls (with compilation) reported apart"]
     if args.quick:
-        from cte_jax.cache import enable_compilation_cache
-
-        enable_compilation_cache()
-        notes.append("--quick is a smoke test: tiny models, persistent compilation cache on")
+        notes.append(C.QUICK_NOTE)
     with tempfile.TemporaryDirectory() as tmp:
         imgs = C.synthetic_images(cfg["images"], cfg["size"], seed=6)
         target = C.write_zarr(imgs, Path(tmp) / "target.zarr")

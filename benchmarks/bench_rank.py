@@ -314,21 +314,12 @@ def main(argv=None) -> dict:
         compile_child(args.compile_child)
         return {}
 
-    cfg = dict(QUICK if args.quick else FULL)
+    cfg = C.configure(args, QUICK, FULL, ("images", "size", "repeats"))
     metrics = args.metrics or (["nhd"] if args.quick else ["nhd", "vrand"])
-    for k in ("images", "size", "repeats"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
     import torch
 
     threads = C.set_torch_threads()
     machine = C.machine_info()
-    if args.quick:
-        # A smoke test: compiled programs come from the user-level persistent cache after the
-        # first run, so the compile figures of --quick are mostly cache loads.
-        from cte_jax.cache import enable_compilation_cache
-
-        enable_compilation_cache()
     machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default (ACTIVE)")
     notes = [f"torch.set_num_threads({threads}): as many threads as XLA:CPU uses (the {threads} cores of this process); "
              f"OMP_WAIT_POLICY={machine['omp_wait_policy']}",
@@ -336,8 +327,7 @@ def main(argv=None) -> dict:
              "speed-up = contender's time / cte_jax's time (> 1: cte_jax is faster); medians of interleaved repeats "
              "after one warm-up call (the reference-style pipeline, eager and slowest: one timed call, no warm-up)"]
     if args.quick:
-        notes.append("--quick is a smoke test: tiny models, persistent compilation cache on (compile figures are "
-                     "cache loads after the first run); use the full run for figures")
+        notes.append(C.QUICK_NOTE + " (compile figures are cache loads after the first run); use the full run for figures")
 
     with tempfile.TemporaryDirectory() as tmp:
         imgs = C.synthetic_images(cfg["images"], cfg["size"], seed=1)

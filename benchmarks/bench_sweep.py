@@ -42,10 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    for k in ("images", "size", "repeats"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
+    cfg = C.configure(args, QUICK, FULL, ("images", "size", "repeats"))
 
     from cte_jax.arch import UNetSpec
 
@@ -53,10 +50,7 @@ def main(argv=None) -> dict:
     notes = ["ratios are of median steady-state times (programs compiled by a first call, reported apart)",
              "every call reads the zarr target and normalises it (as a user's run does)"]
     if args.quick:
-        from cte_jax.cache import enable_compilation_cache
-
-        enable_compilation_cache()
-        notes.append("--quick is a smoke test: tiny models, persistent compilation cache on")
+        notes.append(C.QUICK_NOTE)
     rates = [f"dropout:{r:g}" for r in RATES]
     one = "dropout:0.1"
     with tempfile.TemporaryDirectory() as tmp:
