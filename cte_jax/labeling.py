@@ -34,7 +34,7 @@ def _neighbour_min(lab: Array, *, connectivity: int, fill: int) -> Array:
 
 
 def _compress(parent: Array) -> Array:
-    """Pointer jumping ``parent = parent[parent]`` until every pixel points at a root."""
+    """Pointer jumping ``parent = parent[parent]`` until every node points at a root."""
 
     def cond(state):
         return state[1]
@@ -52,8 +52,8 @@ def _hook_until_stable(parent: Array, neighbour_min, active: Array) -> Array:
     """Run hook-and-compress rounds on a forest ``parent`` (n + 1,) until nothing changes.
 
     ``parent[:n]`` covers the nodes of an (H W) grid, ``parent[n]`` is the sentinel that inactive
-    nodes point at. Invariant: every pointer goes to a node of smaller index in the same
-    component. ``neighbour_min`` maps the (H W) grid of current labels to the smallest label among
+    nodes point at. Invariant: every node points at itself (a root) or at a node of smaller index
+    in its component. ``neighbour_min`` maps the (H W) grid of current labels to the smallest label among
     each node's connected neighbours (the sentinel where there is none).
     """
     n = parent.shape[0] - 1
