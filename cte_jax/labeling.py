@@ -177,11 +177,12 @@ def connected_components(mask: Array, *, connectivity: int = 8) -> Array:
     node takes the minimum label among its connected neighbours, hooks its root onto that label
     (scatter-min), and all pointers are compressed (``parent = parent[parent]``) until they
     point at roots. Rounds stop when nothing changes; for typical masks this takes a few
-    rounds, far fewer than the component diameter (measured on 320x320: 2-3 rounds for
-    one-pixel snakes and spirals, 4-6 for random masks near the percolation threshold).
-    With 4-connectivity the nodes are pixels. With 8-connectivity they are 2x2 blocks of
-    pixels, whose foreground pixels always touch one another (block-based labelling): the graph
-    has a quarter of the nodes, which made labelling 3.5x faster on CPU (16 masks of 128x128).
+    rounds, far fewer than the component diameter (measured on the pixel graph of 320x320
+    masks: 2-3 rounds for one-pixel snakes and spirals, 4-6 for random masks near the
+    percolation threshold). With 4-connectivity the nodes are pixels. With 8-connectivity they
+    are 2x2 blocks of pixels, whose foreground pixels always touch one another (block-based
+    labelling): the graph has a quarter of the nodes, which made labelling 2.4x faster on CPU
+    (16 masks of 128x128 at 40 % foreground: 9.7 -> 4.0 ms).
     Shapes are static throughout.
 
     Args:
