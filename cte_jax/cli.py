@@ -26,12 +26,18 @@ agree (CTE-NHD: IoU of the two foreground masks; CTE-EI: confidence-weighted agr
 CTE-VRand: Rand F-score of the two instance segmentations), the better it is expected to
 transfer. The median over images ranks the models, best first.
 
+Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
+confidence (mean probability of the predicted class) and entropy (1 - mean binary entropy).
+In our leave-one-domain-out nuclei study, entropy ranked as well as CTE-NHD or better
+(benchmarks/RESULTS.md), so it is worth a look when the two disagree.
+
 With no arguments, ranks the demo bank shipped with cte_jax on its demo target (DSB2018 nuclei).
 
 examples:
   cte-jax rank
   cte-jax rank --bank my_bank/ --target images/ --perturbation dropout:0.1
   cte-jax rank --bank my_bank/ --target stack.tif --metric vrand --json ranking.json
+  cte-jax rank --bank my_bank/ --target images/ --metric nhd entropy
   cte-jax rank --bank my_bank/ --target data.zarr --perturbation dropout:0.05 dropout:0.1 dropout:0.2
 """
 
@@ -60,17 +66,28 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[io.TextIOBase | Path
         raise
 
 
+BASELINE_TITLES = {"confidence": "baseline: mean confidence (clean pass; for comparison)",
+                   "entropy": "baseline: 1 - mean entropy (clean pass; for comparison)"}
+
+
 def _table(records: list[dict]) -> str:
     lines = []
     keys = []
     for r in records:
-        k = (r["perturbation"], r["metric"])
+        # A baseline uses the clean pass only: its scores repeat under every perturbation.
+        k = ("", r["metric"]) if r["metric"] in BASELINE_TITLES else (r["perturbation"], r["metric"])
         if k not in keys:
             keys.append(k)
+    keys = [k for k in keys if k[0]] + [k for k in keys if not k[0]]  # baselines last
     width = max([len(r["model"]) for r in records] + [5])
     for pert, metric in keys:
-        rs = [r for r in records if (r["perturbation"], r["metric"]) == (pert, metric)]
-        lines.append(f"\nCTE-{metric.upper()} under {pert}")
+        if metric in BASELINE_TITLES:
+            first = next(r["perturbation"] for r in records if r["metric"] == metric)
+            rs = [r for r in records if (r["perturbation"], r["metric"]) == (first, metric)]
+            lines.append(f"\n{BASELINE_TITLES[metric]}")
+        else:
+            rs = [r for r in records if (r["perturbation"], r["metric"]) == (pert, metric)]
+            lines.append(f"\nCTE-{metric.upper()} under {pert}")
         lines.append(f"{'rank':>4}  {'model':<{width}}  {'score':>7}  {'scored':>6}  {'skipped':>7}  {'fg':>6}")
         for r in rs:
             score = "-" if r["score"] is None else f"{r['score']:.4f}"
@@ -83,8 +100,8 @@ def _table(records: list[dict]) -> str:
                 notes.append("predicts most of the image as foreground (wrong polarity?): its consistency may be unreliable")
             note = "".join(f"  [{n}]" for n in notes)
             lines.append(f"{rank:>4}  {r['model']:<{width}}  {score:>7}  {r['n_scored']:>6}  {r['n_skipped']:>7}  {fg:>6}{note}")
-    lines.append("\nscore: median per-image consistency (1 = perfectly consistent); fg: median fraction of "
-                 "pixels predicted foreground")
+    lines.append("\nscore: median per-image consistency (1 = perfectly consistent), or baseline score "
+                 "(higher = expected to transfer better); fg: median fraction of pixels predicted foreground")
     return "\n".join(lines).lstrip("\n")
 
 
@@ -183,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the demo target)")
     p.add_argument("--dataset", help="array path inside a zarr/N5 container")
     p.add_argument("--perturbation", nargs="+", default=["dropout:0.1"], metavar="SPEC", help=PERT_HELP)
-    p.add_argument("--metric", nargs="+", default=["nhd"], choices=["nhd", "ei", "vrand"],
-                   help="consistency metric(s): nhd (hard, IoU of masks), ei (soft), vrand (instances) (default: nhd)")
+    p.add_argument("--metric", nargs="+", default=["nhd"], choices=["nhd", "ei", "vrand", "confidence", "entropy"],
+                   help="consistency metric(s): nhd (hard, IoU of masks), ei (soft), vrand (instances); "
+                   "or the baselines confidence and entropy, from the clean pass alone (default: nhd)")
     p.add_argument("--aggregate", default="median", choices=["median", "mean"],
                    help="how per-image scores make a model's score (default: median, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")

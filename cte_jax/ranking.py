@@ -236,7 +236,8 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
       target: a folder of images, an image or TIFF stack, a zarr/N5 array, or an opened Target.
       perturbations: specs like ``"dropout:0.1"`` or ``"noise:0.03-0.05"``; several form a sweep
         that shares the clean pass (and the encoder, for bottleneck dropout).
-      metrics: any of ``nhd``, ``ei``, ``vrand``.
+      metrics: any of ``nhd``, ``ei``, ``vrand``; or the baselines ``confidence``, ``entropy``
+        (clean pass only: the same scores under every perturbation) and ``mcdropout``.
       aggregate: ``median`` (the paper) or ``mean`` over the target's scored images.
       seed: root of every random draw (per model, perturbation and image, independent of batching).
       batch_size: patches per compiled call (rounded up to a multiple of the device count when

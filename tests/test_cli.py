@@ -47,6 +47,29 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,perturbation,metric,score,rank")
 
 
+def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet",
+                          "--metric", "entropy", "nhd", "confidence", "--perturbation", "dropout:0.1", "noise:0.1",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    recs = json.loads((tmp_path / "r.json").read_text())
+    titles = [line for line in out.splitlines() if line.startswith(("CTE-", "baseline:"))]
+    assert titles == ["CTE-NHD under dropout:0.1", "CTE-NHD under noise:0.1",
+                      "baseline: 1 - mean entropy (clean pass; for comparison)",
+                      "baseline: mean confidence (clean pass; for comparison)"]
+    for metric in ("entropy", "confidence"):
+        by_pert = {}
+        for r in recs:
+            if r["metric"] == metric:
+                by_pert.setdefault(r["perturbation"], {})[r["model"]] = r["score"]
+        assert set(by_pert) == {"dropout:0.1", "noise:0.1"}
+        assert by_pert["dropout:0.1"] == by_pert["noise:0.1"]  # clean pass only
+    # The printed entropy table lists the models best first.
+    block = out.split("baseline: 1 - mean entropy")[1].split("baseline:")[0].splitlines()[2:4]
+    printed = [float(line.split()[2]) for line in block]
+    assert printed == sorted(printed, reverse=True)
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--perturbation", "blur:2"], "unknown perturbation 'blur'"),
     (["--perturbation", "dropout:x"], "bad perturbation"),
