@@ -27,7 +27,8 @@ CTE-VRand: Rand F-score of the two instance segmentations), the better it is exp
 transfer. The median over images ranks the models, best first.
 
 Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
-confidence (mean probability of the predicted class) and entropy (1 - mean binary entropy).
+confidence (mean probability over the predicted foreground) and entropy (1 - mean binary
+entropy).
 In our leave-one-domain-out nuclei study, entropy ranked as well as CTE-NHD or better
 (benchmarks/RESULTS.md), so it is worth a look when the two disagree.
 
