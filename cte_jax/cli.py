@@ -28,9 +28,8 @@ transfer. The median over images ranks the models, best first.
 
 Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
 confidence (mean probability over the predicted foreground) and entropy (1 - mean binary
-entropy).
-In our leave-one-domain-out nuclei study, entropy ranked as well as CTE-NHD or better
-(benchmarks/RESULTS.md), so it is worth a look when the two disagree.
+entropy). In our leave-one-domain-out nuclei study, entropy ranked as well as CTE-NHD or
+better (benchmarks/RESULTS.md), so it is worth a look when the two disagree.
 
 With no arguments, ranks the demo bank shipped with cte_jax on its demo target (DSB2018 nuclei).
 
