@@ -100,8 +100,9 @@ def _table(records: list[dict]) -> str:
                 notes.append("predicts most of the image as foreground (wrong polarity?): its consistency may be unreliable")
             note = "".join(f"  [{n}]" for n in notes)
             lines.append(f"{rank:>4}  {r['model']:<{width}}  {score:>7}  {r['n_scored']:>6}  {r['n_skipped']:>7}  {fg:>6}{note}")
-    lines.append("\nscore: median per-image consistency (1 = perfectly consistent), or baseline score "
-                 "(higher = expected to transfer better); fg: median fraction of pixels predicted foreground")
+    baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
+    lines.append(f"\nscore: median per-image consistency (1 = perfectly consistent){baseline}; fg: median "
+                 "fraction of pixels predicted foreground")
     return "\n".join(lines).lstrip("\n")
 
 

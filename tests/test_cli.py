@@ -43,7 +43,7 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert code == 0, err
     recs = json.loads((tmp_path / "r.json").read_text())
     assert {r["model"] for r in recs} == {"m0", "m1"} and {r["rank"] for r in recs} == {1, 2}
-    assert "m0" in out and "CTE-NHD under dropout:0.1" in out
+    assert "m0" in out and "CTE-NHD under dropout:0.1" in out and "baseline" not in out
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,perturbation,metric,score,rank")
 
 
@@ -68,6 +68,7 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
     block = out.split("baseline: 1 - mean entropy")[1].split("baseline:")[0].splitlines()[2:4]
     printed = [float(line.split()[2]) for line in block]
     assert printed == sorted(printed, reverse=True)
+    assert "or baseline score" in out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args,expect", [
