@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cte_jax.labeling import connected_components, relabel_sequential
+from cte_jax.labeling import (_INT32_MAX, _check_connectivity, _neighbour_views, connected_components,
+                              relabel_sequential)
 
 Array = jax.Array
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def _check_map(x: Array, name: str) -> Array:
@@ -29,11 +28,6 @@ def _check_map(x: Array, name: str) -> Array:
     if x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name} must have h, w >= 1, got {x.shape}")
     return x
-
-
-def _check_connectivity(connectivity: int) -> None:
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
 
 
 def _check_min_size(min_size) -> None:
@@ -99,17 +93,6 @@ def foreground_instances(p: Array, *, threshold: float = 0.5, min_size: int = 50
     static_zero = isinstance(min_size, (int, np.integer)) and min_size == 0
     return _foreground_instances(p, threshold, min_size, connectivity=connectivity,
                                  sequential=sequential, remove_small=not static_zero)
-
-
-def _neighbour_views(a: Array, fill, connectivity: int) -> list[Array]:
-    """The 4 or 8 neighbours of every pixel of ``a`` (h, w) as shifted views; outside = ``fill``."""
-    h, w = a.shape
-    pad = jnp.pad(a, 1, constant_values=fill)
-    if connectivity == 4:
-        offsets = ((0, 1), (1, 0), (1, 2), (2, 1))
-    else:
-        offsets = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2))
-    return [pad[i:i + h, j:j + w] for i, j in offsets]
 
 
 def _flood_2d(alt: Array, seeds: Array, max_iters: Array, connectivity: int) -> Array:

@@ -19,17 +19,28 @@ def _check_connectivity(connectivity: int) -> None:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
 
 
+def _shifted(x: Array, dy: int, dx: int, fill) -> Array:
+    """``y[i, j] = x[i + dy, j + dx]`` for |dy|, |dx| <= 1, ``fill`` outside ``x``."""
+    h, w = x.shape
+    pad = jnp.pad(x, 1, constant_values=fill)
+    return pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+# Neighbour offsets (dy, dx) in raster order.
+_NEIGHBOURS = {4: ((-1, 0), (0, -1), (0, 1), (1, 0)),
+               8: ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))}
+
+
+def _neighbour_views(a: Array, fill, connectivity: int) -> list[Array]:
+    """The 4 or 8 neighbours of every pixel of ``a`` (h, w), in raster order; outside = ``fill``."""
+    return [_shifted(a, dy, dx, fill) for dy, dx in _NEIGHBOURS[connectivity]]
+
+
 def _neighbour_min(lab: Array, *, connectivity: int, fill: int) -> Array:
     """Minimum of ``lab`` (h w) over each pixel and its 4- or 8-neighbours; outside = ``fill``."""
-    h, w = lab.shape
-    pad = jnp.pad(lab, 1, constant_values=fill)
     out = lab
-    if connectivity == 4:
-        offsets = ((0, 1), (1, 0), (1, 2), (2, 1))
-    else:
-        offsets = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2))
-    for di, dj in offsets:
-        out = jnp.minimum(out, pad[di:di + h, dj:dj + w])
+    for view in _neighbour_views(lab, fill, connectivity):
+        out = jnp.minimum(out, view)
     return out
 
 
@@ -97,13 +108,6 @@ def _components_pixels(mask: Array, connectivity: int) -> Array:
         _run_starts(mask, left),
         lambda lab: _neighbour_min(lab, connectivity=connectivity, fill=n), mask)
     return jnp.where(mask, parent[:n].reshape(h, w) + 1, 0).astype(jnp.int32)
-
-
-def _shifted(x: Array, dy: int, dx: int, fill) -> Array:
-    """``y[i, j] = x[i + dy, j + dx]`` for |dy|, |dx| <= 1, ``fill`` outside ``x``."""
-    h, w = x.shape
-    pad = jnp.pad(x, 1, constant_values=fill)
-    return pad[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
 
 
 def _components_blocks(mask: Array) -> Array:
