@@ -42,6 +42,11 @@ def resize(x: Array, size: tuple[int, int], mode: str) -> Array:
     if (h, w) == tuple(size):
         return x
     if mode == "nearest":
+        if tuple(size) == (2 * h, 2 * w):
+            # PyTorch's rule is then floor(dst / 2): each pixel repeated into a 2x2 block. A
+            # broadcast fuses into its consumer; the gathers below each write a copy.
+            b, c = x.shape[0], x.shape[-1]
+            return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         # An exact gather; a matmul would round in bfloat16.
         rows = np.argmax(_nearest_matrix(h, size[0]), 1)
         cols = np.argmax(_nearest_matrix(w, size[1]), 1)
@@ -126,6 +131,38 @@ def _conv3x3_one_channel(x: Array, kernel: Array) -> Array:
     return out
 
 
+def _phase_taps(kernel: Array, axis: int) -> tuple[Array, Array]:
+    """The 3 taps of ``kernel`` along ``axis`` folded to 2 for each output phase of a nearest-2x
+    upsampled input: an even output row 2i sees input rows 2i-1, 2i, 2i+1, i.e. low-res rows
+    i-1, i, i (taps [k0, k1 + k2] at offsets -1, 0); an odd row 2i+1 sees i, i, i+1 (taps
+    [k0 + k1, k2] at offsets 0, +1)."""
+    k0, k1, k2 = jnp.split(kernel, 3, axis=axis)
+    return jnp.concatenate([k0, k1 + k2], axis), jnp.concatenate([k0 + k1, k2], axis)
+
+
+def conv3x3_upsampled(x: Array, kernel: Array) -> Array:
+    """The 3x3 'same' convolution of nearest-2x upsampled ``x`` (b h w c -> b 2h 2w out),
+    computed at the low resolution without upsampling.
+
+    Each of the four output phases (row parity, column parity) is a 2x2 convolution of ``x``
+    with taps summed as :func:`_phase_taps` says, so the work is 4 x 4 taps per low-res pixel
+    instead of 9 x 4: 2.25x fewer multiply-adds. Zero padding of the upsampled image is zero
+    padding of ``x`` (row -1 and row 2h map to low-res rows -1 and h), so borders are exact.
+    Equal to ``conv(upsample(x))`` up to float rounding (the taps are summed first).
+    """
+    b, h, w, _ = x.shape
+    pads = ((1, 0), (0, 1))  # the low-res offsets of phase 0 are (-1, 0), of phase 1 (0, +1)
+    rows = _phase_taps(kernel.astype(jnp.float32), 0)
+    out = []
+    for a in range(2):
+        cols = _phase_taps(rows[a], 1)
+        out.append(jnp.stack([
+            jax.lax.conv_general_dilated(x, cols[c].astype(x.dtype), (1, 1), (pads[a], pads[c]),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for c in range(2)], axis=3))  # b h w 2 out: column phase beside each column
+    return jnp.stack(out, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])  # b h 2 w 2 out
+
+
 class Conv3x3(nn.Module):
     """3x3 convolution, padding 1, with ``flax.linen.Conv``'s parameters (``kernel`` (3 3 in out),
     ``bias``) and initialisers, that can also convolve a contiguous range of its input channels
@@ -136,12 +173,17 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, static: tuple[int, int] | None = None,
-                 partial: Array | None = None) -> Array | tuple[Array, Array]:
+                 partial: Array | None = None, up: tuple[int, int] | None = None) -> Array | tuple[Array, Array]:
         """Without ``static``: conv(x). With ``static = (lo, hi)``: returns (conv(x), partial), where
         partial is the contribution of input channels lo..hi (no bias); a given ``partial`` is
-        used instead of recomputing it, so only the other channels are convolved."""
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
-        kernel = kernel.astype(x.dtype)
+        used instead of recomputing it, so only the other channels are convolved.
+
+        ``up = (lo, hi)``: input channels lo..hi are a nearest-2x upsampling, every 2x2 block of
+        pixels equal (h and w even); their contribution is computed from one pixel per block by
+        :func:`conv3x3_upsampled`. Must not overlap ``static``.
+        """
+        param = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        kernel = param.astype(x.dtype)
 
         def conv(a, k):
             if a.shape[-1] == 1:
@@ -149,17 +191,28 @@ class Conv3x3(nn.Module):
             return jax.lax.conv_general_dilated(a, k, (1, 1), ((1, 1), (1, 1)),
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-        if static is None:
+        if static is None and up is None:
             y = conv(x, kernel)
         else:
-            lo, hi = static
-            if partial is None:
-                partial = conv(x[..., lo:hi], kernel[:, :, lo:hi])
-            y = partial
-            if lo > 0:
-                y = y + conv(x[..., :lo], kernel[:, :, :lo])
-            if hi < x.shape[-1]:
-                y = y + conv(x[..., hi:], kernel[:, :, hi:])
+            terms, taken = [], []
+            if static is not None:
+                lo, hi = static
+                if partial is None:
+                    partial = conv(x[..., lo:hi], kernel[:, :, lo:hi])
+                terms.append(partial)
+                taken.append(static)
+            if up is not None:
+                lo, hi = up
+                terms.append(conv3x3_upsampled(x[:, ::2, ::2, lo:hi], param[:, :, lo:hi]))
+                taken.append(up)
+            start = 0  # the channels left over are convolved as they are
+            for lo, hi in sorted(taken) + [(x.shape[-1], x.shape[-1])]:
+                if lo > start:
+                    terms.append(conv(x[..., start:lo], kernel[:, :, start:lo]))
+                start = max(start, hi)
+            y = terms[0]
+            for t in terms[1:]:
+                y = y + t
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         return y if static is None else (y, partial)
@@ -175,15 +228,17 @@ class ConvUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, static: tuple[int, int] | None = None,
-                 partial: Array | None = None) -> Array | tuple[Array, Array]:
-        """``static``/``partial``: see :class:`Conv3x3`; with ``static`` returns (x, partial)."""
+                 partial: Array | None = None, up: tuple[int, int] | None = None) -> Array | tuple[Array, Array]:
+        """``static``/``partial``/``up``: see :class:`Conv3x3`; with ``static`` returns (x, partial).
+        The norms and activations before the convolution act per pixel and channel, so channels
+        that are upsampled on entry still are when they reach it."""
         s = self.spec
         order = s.layer_order
         for i, letter in enumerate(order):
             before = i < order.index("c")
             n = self.in_channels if before else self.out_channels
             if letter == "c":
-                x = Conv3x3(self.out_channels, use_bias=s.conv_bias, name="conv")(x, static, partial)
+                x = Conv3x3(self.out_channels, use_bias=s.conv_bias, name="conv")(x, static, partial, up)
                 if static is not None:
                     x, partial = x
             elif letter == "g":
@@ -204,10 +259,11 @@ class DoubleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, static: tuple[int, int] | None = None,
-                 partial: Array | None = None) -> Array | tuple[Array, Array]:
-        """``static``/``partial`` go to the first convolution; with ``static`` returns (x, partial)."""
+                 partial: Array | None = None, up: tuple[int, int] | None = None) -> Array | tuple[Array, Array]:
+        """``static``/``partial``/``up`` go to the first convolution; with ``static`` returns (x, partial)."""
         cin, mid, cout = self.channels
-        x = ConvUnit(self.spec, cin, mid, activate=self.spec.inner_activation, name="unit_0")(x, train, static, partial)
+        x = ConvUnit(self.spec, cin, mid, activate=self.spec.inner_activation, name="unit_0")(
+            x, train, static, partial, up)
         if static is not None:
             x, partial = x
         x = ConvUnit(self.spec, mid, cout, name="unit_1")(x, train)
@@ -301,18 +357,23 @@ class UNet(nn.Module):
         for j in range(s.levels - 1):
             skip = feats[s.levels - 2 - j]
             up = self.upsamplers[j](x, skip.shape[1:3])
+            # Inference: an exact nearest-2x upsampling is convolved at the low resolution.
+            upsampled = (s.upsampling == "nearest" and not train
+                         and skip.shape[1:3] == (2 * x.shape[1], 2 * x.shape[2]))
+            n_up, n_skip = up.shape[-1], skip.shape[-1]
             if s.upsampling == "deconv":
                 x = skip + up
             elif s.skip_first:
                 x = jnp.concatenate([skip, up], axis=-1)
             else:
                 x = jnp.concatenate([up, skip], axis=-1)
+            up_channels = ((n_skip, n_skip + n_up) if s.skip_first else (0, n_up)) if upsampled else None
             static = static_skip_channels(s, j) if shared else None
             if static is None:
-                x = self.decoders[j](x, train)
+                x = self.decoders[j](x, train, up=up_channels)
                 kept.append(None)
             else:
-                x, partial = self.decoders[j](x, train, static, None if partials is None else partials[j])
+                x, partial = self.decoders[j](x, train, static, None if partials is None else partials[j], up_channels)
                 kept.append(partial)
         return self.final(x), kept
 

@@ -147,7 +147,7 @@ def test_static_skip_channels_are_those_the_bottleneck_cannot_reach(kw):
         seen = []  # what reaches the convolution, for each upsampled half
         from cte_jax import networks
 
-        def spy(self, x, static=None, partial=None):
+        def spy(self, x, static=None, partial=None, up=None):
             seen.append(np.asarray(x))
             return x
 
@@ -202,3 +202,57 @@ def test_one_channel_conv_equals_lax_conv(cout):
     got = conv.apply(v, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(got, oracle, atol=1e-5)
+
+
+def _numpy_conv3x3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """'Same' 3x3 cross-correlation with zero padding, as torch and lax define it (b h w c)."""
+    h, w = x.shape[1:3]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(xp[:, i:i + h, j:j + w] @ k[i, j].astype(np.float64) for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 8, 8, 16), (1, 1, 1, 2), (3, 4, 1, 5)])
+def test_conv3x3_upsampled_equals_conv_of_the_upsampled_image(shape):
+    """The four-phase low-resolution form against NumPy: repeat every pixel into a 2x2 block,
+    then convolve. Odd sizes and one-pixel sides reach every border case."""
+    from cte_jax.networks import conv3x3_upsampled
+
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = rng.standard_normal((3, 3, shape[-1], 4)).astype(np.float32)
+    want = _numpy_conv3x3(x.repeat(2, axis=1).repeat(2, axis=2), k)
+    got = np.asarray(jax.jit(conv3x3_upsampled)(x, k))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_convolves_upsampled_channels_at_low_resolution():
+    """At inference, a decoder's first convolution takes its nearest-2x upsampled channels at the
+    low resolution (no full-size convolution over them), and the decoder still equals the same
+    layers applied the plain way, in NumPy, on the upsampled input."""
+    from cte_jax import networks
+
+    spec = UNetSpec(features=(4, 8), layer_order="cr")
+    v = init_variables(spec, jax.random.key(3))
+    net = UNet(spec)
+    x = jax.random.normal(jax.random.key(4), (1, 8, 10, 1))
+    feats = net.apply(v, x, method=UNet.encode)
+    calls = []
+    real = networks.conv3x3_upsampled
+
+    def counting(a, k):
+        calls.append(a.shape)
+        return real(a, k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(networks, "conv3x3_upsampled", counting)
+        got = np.asarray(net.apply(v, feats, method=UNet.decode_logits))
+    assert calls == [(1, 4, 5, 8)]  # the bottleneck's 8 channels at 4x5, not 8x10
+    p = v["params"]
+    skip, deep = np.asarray(feats[0]), np.asarray(feats[1])
+    joined = np.concatenate([skip, deep.repeat(2, 1).repeat(2, 2)], -1)  # pytorch-3dunet: skip first
+    d = p["decoders_0"]
+    y = np.maximum(_numpy_conv3x3(joined, np.asarray(d["unit_0"]["conv"]["kernel"])) + d["unit_0"]["conv"]["bias"], 0)
+    y = np.maximum(_numpy_conv3x3(y, np.asarray(d["unit_1"]["conv"]["kernel"])) + d["unit_1"]["conv"]["bias"], 0)
+    want = y @ np.asarray(p["final"]["kernel"])[0, 0] + np.asarray(p["final"]["bias"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
