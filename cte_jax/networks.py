@@ -282,9 +282,12 @@ class Upsample(nn.Module):
         if mode in ("nearest", "bilinear"):
             return resize(x, size, mode)
         if mode == "bilinear_conv":
+            # torch-em resizes, then convolves 1x1. Both are linear and the resize weights of an
+            # output pixel sum to 1 (so the bias passes through): convolving first is the same
+            # map, on a quarter of the pixels.
             h, w = x.shape[1:3]
-            x = resize(x, (2 * h, 2 * w), "bilinear")
-            return nn.Conv(self.out_channels, (1, 1), dtype=x.dtype, name="conv")(x)
+            x = nn.Conv(self.out_channels, (1, 1), dtype=x.dtype, name="conv")(x)
+            return resize(x, (2 * h, 2 * w), "bilinear")
         # ConvTranspose2d(k=3, stride=2, padding=1, output_padding chosen to reach `size`):
         # a dilated convolution with a flipped kernel; the kernel here is stored already flipped
         # in (kh, kw, in, out) layout, so this equals torch's transposed conv on copied weights.
