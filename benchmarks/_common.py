@@ -494,10 +494,13 @@ def fast_vrand(y: np.ndarray, yq: np.ndarray) -> float | None:
 
 # -- analytic FLOPs ------------------------------------------------------------------------------
 def conv_flops(spec, h: int, w: int) -> dict[str, float]:
-    """FLOPs (2 per multiply-add) of the convolutions of one image (h w) through ``spec``.
+    """FLOPs (2 per multiply-add) of the convolutions of one image (h w) through ``spec``, as
+    cte_jax's inference network computes them.
 
     Returns ``{"encoder", "decoder", "total", "decoder_shared"}``; the decoder includes upsampling
-    convolutions (transposed 3x3 for deconv, 1x1 for bilinear_conv) and the final 1x1 conv.
+    convolutions (transposed 3x3 for deconv, 1x1 for bilinear_conv, at the low resolution) and
+    the final 1x1 conv. Nearest-2x upsampled channels are convolved at the low resolution
+    (``networks.conv3x3_upsampled``: 16 taps per low-res pixel instead of 36).
     ``decoder_shared`` is a perturbed decode that reuses the clean decode's skip-channel
     convolutions (``UNet.decode_shared``). Norms, activations, pooling and resizing are not
     counted (they are not convolutions).
@@ -520,14 +523,16 @@ def conv_flops(spec, h: int, w: int) -> dict[str, float]:
         deep, skip = spec.features[lv + 1], spec.features[lv]
         cin, cout = spec.decoder_channels(st)
         dec += 2 * 9 * hw * (cin * cout + cout * cout)
+        low = sizes[lv + 1][0] * sizes[lv + 1][1]
+        if spec.upsampling == "nearest" and sizes[lv] == (2 * sizes[lv + 1][0], 2 * sizes[lv + 1][1]):
+            dec -= 2 * (9 * hw - 16 * low) * deep * cout  # the upsampled channels, at low resolution
         static = static_skip_channels(spec, st)
         saved += 2 * 9 * hw * (static[1] - static[0]) * cout if static else 0.0
         if spec.upsampling in ("deconv", "deconv_concat"):
             # transposed 3x3 stride 2: every input pixel meets 9 kernel taps
-            low = sizes[lv + 1][0] * sizes[lv + 1][1]
             dec += 2 * 9 * low * deep * skip
         elif spec.upsampling == "bilinear_conv":
-            dec += 2 * hw * deep * skip
+            dec += 2 * low * deep * skip
     dec += 2 * h * w * spec.features[0] * spec.out_channels
     return {"encoder": enc, "decoder": dec, "total": enc + dec, "decoder_shared": dec - saved}
 
