@@ -1,4 +1,4 @@
-"""Rank throughput of cte_jax against two PyTorch pipelines, side by side, same weights, same images.
+"""Rank throughput of cte_jax against three PyTorch pipelines, side by side, same weights, same images.
 
     python benchmarks/bench_rank.py            # full: 4 models (2 architectures) x 16 images 128x128
     python benchmarks/bench_rank.py --quick    # seconds: 2 tiny models x 4 images 64x64
@@ -18,6 +18,10 @@ with CTE-NHD and once with CTE-VRand (every one reads the target and normalises 
   NHD vectorised in torch, VRand with ``scipy.ndimage.label`` and pair counts in NumPy. It runs
   at several batch sizes (8, 4, 2) and its fastest is the "torch best" of the summary: smaller
   batches keep activations in cache on CPU, for PyTorch as for XLA.
+- ``torch shared``: torch best with cte_jax's two decoder shares written in PyTorch
+  (``torch_decode_shared``): the dropped decode reuses the clean decode's skip-channel
+  convolutions, and both convolve the upsampled channels at the low resolution. Same batch
+  sizes; its fastest is the "torch shared" of the summary.
 
 Compile time is reported apart: the first ``rank()`` call (compile + run) against steady-state
 calls, and the engine's program lowered and compiled explicitly (``compiled_scorer(plan)
@@ -106,10 +110,11 @@ def torch_reference_style(bank, target_path, *, rate: float, metric: str) -> dic
     return out
 
 
-def torch_best(bank_cl, target_path, *, rate: float, metric: str, batch_size: int) -> dict[str, float]:
-    """Batched, inference_mode, channels-last, encoder once, one decoder call for clean + dropped."""
+def _torch_scores(bank_cl, target_path, *, metric: str, batch_size: int, clean_and_dropped) -> dict[str, float]:
+    """The batched PyTorch pipelines' loop: read and normalise the target, then per batch and model
+    ``clean_and_dropped(model entry, x)`` -> (clean, dropped) probabilities (b h w), scored on the
+    host side of torch: NHD vectorised in torch, VRand with scipy labels (``fast_vrand``)."""
     import torch
-    import torch.nn.functional as F
 
     from cte_jax.data import open_target
 
@@ -119,15 +124,10 @@ def torch_best(bank_cl, target_path, *, rate: float, metric: str, batch_size: in
                for s in range(0, len(imgs), batch_size)]
     vals: dict[str, list] = {m["name"]: [] for m in bank_cl}
     for x in batches:
-        b = x.shape[0]
         for m in bank_cl:
-            net = m["torch"]
             with torch.inference_mode():
-                feats = C.torch_encode(net, x)
-                dropped = F.dropout2d(feats[0], rate, training=True)
-                probs = C.torch_decode(net, [torch.cat([feats[0], dropped])] + [torch.cat([f, f]) for f in feats[1:]])
-                y = probs[:b, 0] > 0.5
-                yq = probs[b:, 0] > 0.5
+                p, q = clean_and_dropped(m, x)
+                y, yq = p > 0.5, q > 0.5
                 if metric == "nhd":
                     union = (y | yq).sum(dim=(1, 2))
                     flips = (y ^ yq).sum(dim=(1, 2))
@@ -135,9 +135,120 @@ def torch_best(bank_cl, target_path, *, rate: float, metric: str, batch_size: in
                     s = (1.0 - flips[ok].double() / union[ok].double()).tolist()
                 else:
                     yn, yqn = y.numpy(), yq.numpy()
-                    s = [v for v in (C.fast_vrand(yn[i], yqn[i]) for i in range(b)) if v is not None]
+                    s = [v for v in (C.fast_vrand(yn[i], yqn[i]) for i in range(len(yn))) if v is not None]
             vals[m["name"]] += s
     return {k: (float(np.median(v)) if v else None) for k, v in vals.items()}
+
+
+def torch_best(bank_cl, target_path, *, rate: float, metric: str, batch_size: int) -> dict[str, float]:
+    """Batched, inference_mode, channels-last, encoder once, one decoder call for clean + dropped."""
+    import torch
+    import torch.nn.functional as F
+
+    def clean_and_dropped(m, x):
+        feats = C.torch_encode(m["torch"], x)
+        dropped = F.dropout2d(feats[0], rate, training=True)
+        probs = C.torch_decode(m["torch"], [torch.cat([feats[0], dropped])] + [torch.cat([f, f]) for f in feats[1:]])
+        return probs[:len(x), 0], probs[len(x):, 0]
+
+    return _torch_scores(bank_cl, target_path, metric=metric, batch_size=batch_size, clean_and_dropped=clean_and_dropped)
+
+
+def shared_plan(model_entry) -> list[tuple]:
+    """What ``torch_decode_shared`` needs per decoder step of a ``build_bank`` entry's PyTorch
+    U-Net (pytorch-3dunet, nearest upsampling, skip first): (number of skip channels, the static
+    skip channels of cte_jax's ``networks.static_skip_channels`` or None, the four phase kernels
+    of the first convolution's upsampled channels, (4 cout cu 2 2), phase = 2 * row + column)."""
+    import torch
+
+    from cte_jax.networks import static_skip_channels
+
+    net, spec = model_entry["torch"], model_entry["model"].spec
+    plan = []
+    for j, dec in enumerate(net.decoders):
+        w = dec.basic_module.SingleConv1.conv.weight.detach()  # cout cin 3 3
+        n_skip = spec.features[spec.levels - 2 - j]
+        up = w[:, n_skip:]
+        rows = [torch.stack([up[:, :, 0], up[:, :, 1] + up[:, :, 2]], 2),
+                torch.stack([up[:, :, 0] + up[:, :, 1], up[:, :, 2]], 2)]  # cout cu 2(taps) 3
+        kernels = torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if c == 0 else
+                               torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)
+                               for r in rows for c in (0, 1)])
+        plan.append((n_skip, static_skip_channels(spec, j), kernels.contiguous()))
+    return plan
+
+
+def torch_decode_shared(net, feats, plan, partials=None):
+    """``torch_decode`` with cte_jax's two decoder shares, written in PyTorch: the first conv of
+    each decoder step convolves the nearest-2x upsampled channels at the low resolution (four
+    2x2 convolutions, one per output phase, interleaved by ``pixel_shuffle``), and its static
+    skip channels' contribution is computed once (``partials`` None) and then reused.
+    Returns (probabilities, partials)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, kept = feats[0], []
+    for (n_skip, static, kph), dec, skip in zip(plan, net.decoders, feats[1:]):
+        z = torch.cat([skip, dec.upsampling(skip, x)], 1)
+        mods = list(dec.basic_module.SingleConv1.named_children())
+        at = [n for n, _ in mods].index("conv")
+        for _, mod in mods[:at]:
+            z = mod(z)
+        w = dec.basic_module.SingleConv1.conv.weight
+        lo, hi = static if static else (0, 0)
+        part = partials[len(kept)] if partials is not None and static else (
+            F.conv2d(z[:, lo:hi], w[:, lo:hi], padding=1) if static else None)
+        kept.append(part)
+        terms = [part] if static else []
+        for a, b in ((0, lo), (hi, n_skip)):
+            if b > a:
+                terms.append(F.conv2d(z[:, a:b], w[:, a:b], padding=1))
+        low = F.pad(z[:, n_skip:, ::2, ::2], (1, 1, 1, 1))
+        h, wd = low.shape[2] - 2, low.shape[3] - 2
+        phases = [F.conv2d(low[:, :, r:r + h + 1, c:c + wd + 1], kph[2 * r + c]) for r in (0, 1) for c in (0, 1)]
+        y = torch.stack(phases, 2).reshape(z.shape[0], -1, h, wd)  # channel = cout * 4 + phase
+        terms.append(F.pixel_shuffle(y, 2))
+        out = sum(terms[1:], terms[0])
+        if dec.basic_module.SingleConv1.conv.bias is not None:
+            out = out + dec.basic_module.SingleConv1.conv.bias[:, None, None]
+        for _, mod in mods[at + 1:]:
+            out = mod(out)
+        x = dec.basic_module.SingleConv2(out)
+    x = net.final_conv(x)
+    return (net.final_activation(x) if net.final_activation is not None else x), kept
+
+
+def shared_decode_parity(bank_cl, x: np.ndarray) -> float:
+    """Max |difference| between ``torch_decode_shared`` (clean, then a dropped bottleneck with the
+    clean partials) and ``torch_decode`` of the same features, over the bank, on images x (b h w)."""
+    import torch
+    import torch.nn.functional as F
+
+    xt = torch.from_numpy(np.asarray(x, np.float32)[:, None]).contiguous(memory_format=torch.channels_last)
+    worst = 0.0
+    with torch.inference_mode():
+        for m in bank_cl:
+            feats = C.torch_encode(m["torch"], xt)
+            clean, partials = torch_decode_shared(m["torch"], feats, m["shared"])
+            dropped = [F.dropout2d(feats[0], 0.5, training=True)] + feats[1:]
+            pert, _ = torch_decode_shared(m["torch"], dropped, m["shared"], partials)
+            for got, fs in ((clean, feats), (pert, dropped)):
+                worst = max(worst, float((got - C.torch_decode(m["torch"], fs)).abs().max()))
+    return worst
+
+
+def torch_shared(bank_cl, target_path, *, rate: float, metric: str, batch_size: int) -> dict[str, float]:
+    """torch best with cte_jax's decoder shares (``torch_decode_shared``): encoder once, a clean
+    decode that keeps the skip partials, a dropped decode that reuses them."""
+    import torch.nn.functional as F
+
+    def clean_and_dropped(m, x):
+        feats = C.torch_encode(m["torch"], x)
+        clean, partials = torch_decode_shared(m["torch"], feats, m["shared"])
+        dropped = [F.dropout2d(feats[0], rate, training=True)] + feats[1:]
+        return clean[:, 0], torch_decode_shared(m["torch"], dropped, m["shared"], partials)[0][:, 0]
+
+    return _torch_scores(bank_cl, target_path, metric=metric, batch_size=batch_size, clean_and_dropped=clean_and_dropped)
 
 
 # -- where the time goes: one forward pass, one convolution, one norm --------------------------------
@@ -336,6 +447,9 @@ def main(argv=None) -> dict:
         bank = C.build_bank(cfg["archs"], cfg["per_arch"], calib, seed=0)
         models = [m["model"] for m in bank]
         bank_cl = [dict(m, torch=copy.deepcopy(m["torch"]).to(memory_format=torch.channels_last)) for m in bank]
+        for m in bank_cl:
+            m["shared"] = shared_plan(m)
+        shared_parity = shared_decode_parity(bank_cl, calib[:2])
         parity = C.clean_parity(bank, calib[:2])
         n_pairs = len(bank) * cfg["images"]
         flops = sum(C.conv_flops(m.spec, cfg["size"], cfg["size"])["total"] for m in models) * cfg["images"]
@@ -348,6 +462,8 @@ def main(argv=None) -> dict:
             fns = {"cte_jax": lambda: cte_jax_rank(models, target, batch_size=cfg["batch_size"], **kw),
                    "torch reference-style": lambda: torch_reference_style(bank, target, **kw),
                    **{f"torch best, batch {tb}": (lambda tb=tb: torch_best(bank_cl, target, batch_size=tb, **kw))
+                      for tb in cfg["torch_batches"]},
+                   **{f"torch shared, batch {tb}": (lambda tb=tb: torch_shared(bank_cl, target, batch_size=tb, **kw))
                       for tb in cfg["torch_batches"]}}
             scores[metric] = {}
             # The reference-style pipeline is eager (nothing to warm up) and an order of magnitude
@@ -360,6 +476,8 @@ def main(argv=None) -> dict:
             # "torch best" is its fastest batch size in this run (cte_jax keeps rank()'s batch).
             fastest = min((k for k in times if k.startswith("torch best")), key=lambda k: C.median(times[k]))
             results[metric]["torch best"] = dict(results[metric][fastest], batch=fastest.rsplit(" ", 1)[-1])
+            fastest = min((k for k in times if k.startswith("torch shared")), key=lambda k: C.median(times[k]))
+            results[metric]["torch shared"] = dict(results[metric][fastest], batch=fastest.rsplit(" ", 1)[-1])
             results[metric]["cte_jax"]["first_call_s"] = first
             results[metric]["cte_jax"]["conv_gflops_per_s_clean_pass_equivalent"] = flops / steady / 1e9
             for c in compiles:
@@ -375,7 +493,7 @@ def main(argv=None) -> dict:
 
     tables = []
     for metric, res in results.items():
-        rows = [(k if k != "torch best" else f"**torch best** (fastest: batch {r['batch']})", C.spread(r["times_s"]),
+        rows = [(f"**{k}** (fastest: batch {r['batch']})" if k in ("torch best", "torch shared") else k, C.spread(r["times_s"]),
                  r["model_images_per_s"], f"{r['speedup_of_cte_jax']:.2f}x") for k, r in res.items()]
         tables.append((f"bottleneck dropout {args.rate}, CTE-{metric.upper()}: {len(bank)} models x "
                        f"{cfg['images']} images {cfg['size']}x{cfg['size']} ({n_pairs} model-images)",
@@ -412,9 +530,13 @@ def main(argv=None) -> dict:
     tables.append(("median scores (sanity check: dropout draws differ between frameworks, so scores agree "
                    "only statistically)", C.markdown_table(heads, score_rows)))
     notes.append(f"clean-pass parity PyTorch vs cte_jax: max |difference| of probabilities {parity:.2e}")
+    notes.append("torch shared = torch best with cte_jax's two decoder shares written in PyTorch (skip-channel "
+                 "convolutions of the clean decode reused, upsampled channels convolved at low resolution); its clean "
+                 f"decode against torch's own: max |difference| of probabilities {shared_parity:.2e}")
     return C.finish("bench_rank", {"machine": machine, "config": {**cfg, "rate": args.rate, "metrics": metrics},
                                    "results": results, "compile": compile_rows, "persistent_cache": cache,
-                                   "scores": scores, "parity_max_abs": parity, "diagnosis": diag, "notes": notes},
+                                   "scores": scores, "parity_max_abs": parity, "shared_parity_max_abs": shared_parity,
+                                   "diagnosis": diag, "notes": notes},
                     tables, args.json)
 
 

@@ -59,20 +59,23 @@ def test_bench_rank_quick(tmp_path):
     for metric in res["config"]["metrics"]:
         r = res["results"][metric]
         batches = [f"torch best, batch {b}" for b in res["config"]["torch_batches"]]
-        assert set(r) == {"cte_jax", "torch reference-style", "torch best", *batches}
+        shared = [f"torch shared, batch {b}" for b in res["config"]["torch_batches"]]
+        assert set(r) == {"cte_jax", "torch reference-style", "torch best", "torch shared", *batches, *shared}
         assert r["torch best"]["median_s"] == min(r[k]["median_s"] for k in batches)
+        assert r["torch shared"]["median_s"] == min(r[k]["median_s"] for k in shared)
         for c in r.values():
             assert 1 <= len(c["times_s"]) <= res["config"]["repeats"] and all(positive(t) for t in c["times_s"])
             assert positive(c["model_images_per_s"]) and positive(c["speedup_of_cte_jax"])
         assert r["cte_jax"]["speedup_of_cte_jax"] == pytest.approx(1.0)
         assert positive(r["cte_jax"]["first_call_s"])
         scores = res["scores"][metric]
-        for contender in set(r) - {"torch best"}:
+        for contender in set(r) - {"torch best", "torch shared"}:
             assert len(scores[contender]) == n_models
             assert all(0.0 <= s <= 1.0 for s in scores[contender].values())
     assert res["compile"] and all(positive(c["lower_s"]) and positive(c["compile_s"]) for c in res["compile"])
     # both frameworks hold the same weights: their clean predictions agree
     assert res["parity_max_abs"] < 1e-3
+    assert res["shared_parity_max_abs"] < 1e-4
 
 
 @pytest.mark.slow
@@ -211,3 +214,29 @@ def test_jax_bank_is_centred_and_deterministic():
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(ma.variables), jax.tree.leaves(mb.variables)))
         fg = float((np.asarray(UNet(spec).apply(ma.variables, imgs[..., None])) > 0.5).mean())
         assert 0.25 <= fg <= 0.55
+
+
+@pytest.mark.parametrize("arch", [dict(f_maps=[8, 16, 32], layer_order="gcr", num_groups=4, num_levels=3),
+                                  dict(f_maps=[8, 16, 32], layer_order="bcr", num_levels=3)])
+def test_torch_shared_decoder_equals_torch_decode(arch):
+    """bench_rank's 'torch shared' contender must compute what the network computes: its decode
+    (upsampled channels at low resolution, static skip partials reused for a dropped bottleneck)
+    against the plain PyTorch decode of the same features. GroupNorm(4) on 8 + 16 channels gives
+    a group that straddles skip and upsampled channels, so static and leftover skip channels
+    both occur."""
+    torch = pytest.importorskip("torch")
+    import _common as C
+    import bench_rank
+
+    calib = C.synthetic_images(2, 32, seed=3).astype(np.float32) / 255.0
+    bank = C.build_bank([arch], 1, calib, seed=5)
+    entry = dict(bank[0], shared=bench_rank.shared_plan(bank[0]))
+    statics = [static for _, static, _ in entry["shared"]]
+    assert any(statics)
+    if arch["layer_order"] == "gcr":
+        assert any(s and s[1] < n for (n, s, _) in entry["shared"])  # leftover skip channels
+    assert bench_rank.shared_decode_parity([entry], calib) < 1e-4
+    # and the check itself can fail: a kernel with its phases swapped is caught
+    n, static, k = entry["shared"][0]
+    entry["shared"][0] = (n, static, k.flip(0))
+    assert bench_rank.shared_decode_parity([entry], calib) > 1e-3
