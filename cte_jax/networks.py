@@ -360,9 +360,9 @@ class UNet(nn.Module):
         for j in range(s.levels - 1):
             skip = feats[s.levels - 2 - j]
             up = self.upsamplers[j](x, skip.shape[1:3])
-            # Inference: an exact nearest-2x upsampling is convolved at the low resolution.
-            upsampled = (s.upsampling == "nearest" and not train
-                         and skip.shape[1:3] == (2 * x.shape[1], 2 * x.shape[2]))
+            # An exact nearest-2x upsampling is convolved at the low resolution. The two forms are
+            # the same function of the parameters and the input, so gradients agree as well.
+            upsampled = s.upsampling == "nearest" and skip.shape[1:3] == (2 * x.shape[1], 2 * x.shape[2])
             n_up, n_skip = up.shape[-1], skip.shape[-1]
             if s.upsampling == "deconv":
                 x = skip + up

@@ -227,7 +227,7 @@ def test_conv3x3_upsampled_equals_conv_of_the_upsampled_image(shape):
 
 
 def test_decoder_convolves_upsampled_channels_at_low_resolution():
-    """At inference, a decoder's first convolution takes its nearest-2x upsampled channels at the
+    """A decoder's first convolution takes its nearest-2x upsampled channels at the
     low resolution (no full-size convolution over them), and the decoder still equals the same
     layers applied the plain way, in NumPy, on the upsampled input."""
     from cte_jax import networks
@@ -256,3 +256,27 @@ def test_decoder_convolves_upsampled_channels_at_low_resolution():
     y = np.maximum(_numpy_conv3x3(y, np.asarray(d["unit_1"]["conv"]["kernel"])) + d["unit_1"]["conv"]["bias"], 0)
     want = y @ np.asarray(p["final"]["kernel"])[0, 0] + np.asarray(p["final"]["bias"])
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_training_gradients_through_the_low_resolution_convolution():
+    """Training uses the low-resolution form too: it is the same function of parameters and input,
+    so its gradients must equal those of the plain form, written here with lax.conv on the
+    upsampled input (an independent path: no phase kernels, no strided sampling)."""
+    from cte_jax.networks import conv3x3_upsampled, resize
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 3)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+    t = jnp.asarray(rng.standard_normal((2, 10, 12, 4)).astype(np.float32))
+
+    def plain(x, k):
+        u = resize(x, (10, 12), "nearest")
+        return jax.lax.conv_general_dilated(u, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def loss(f):
+        return lambda x, k: jnp.sum(jnp.tanh(f(x, k)) * t)
+
+    got = jax.grad(loss(conv3x3_upsampled), argnums=(0, 1))(x, k)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
