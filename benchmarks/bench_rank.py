@@ -161,19 +161,15 @@ def shared_plan(model_entry) -> list[tuple]:
     of the first convolution's upsampled channels, (4 cout cu 2 2), phase = 2 * row + column)."""
     import torch
 
-    from cte_jax.networks import static_skip_channels
+    from cte_jax.networks import phase_kernels, static_skip_channels
 
     net, spec = model_entry["torch"], model_entry["model"].spec
     plan = []
     for j, dec in enumerate(net.decoders):
         w = dec.basic_module.SingleConv1.conv.weight.detach()  # cout cin 3 3
         n_skip = spec.features[spec.levels - 2 - j]
-        up = w[:, n_skip:]
-        rows = [torch.stack([up[:, :, 0], up[:, :, 1] + up[:, :, 2]], 2),
-                torch.stack([up[:, :, 0] + up[:, :, 1], up[:, :, 2]], 2)]  # cout cu 2(taps) 3
-        kernels = torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if c == 0 else
-                               torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)
-                               for r in rows for c in (0, 1)])
+        hwio = w[:, n_skip:].permute(2, 3, 1, 0).numpy()  # the upsampled channels, kh kw cu cout
+        kernels = torch.stack([torch.tensor(np.asarray(k)).permute(3, 2, 0, 1) for k in phase_kernels(hwio)])
         plan.append((n_skip, static_skip_channels(spec, j), kernels.contiguous()))
     return plan
 
