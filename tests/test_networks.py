@@ -183,6 +183,13 @@ def test_decode_shared_equals_a_full_decode_of_the_perturbed_bottleneck(kw):
     assert float(jnp.abs(want - clean).max()) > 1e-2  # the perturbation did change the output
 
 
+def _numpy_conv3x3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """'Same' 3x3 cross-correlation with zero padding, as torch and lax define it (b h w c)."""
+    h, w = x.shape[1:3]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(xp[:, i:i + h, j:j + w] @ k[i, j].astype(np.float64) for i in range(3) for j in range(3))
+
+
 @pytest.mark.parametrize("cout", [1, 8])
 def test_one_channel_conv_equals_lax_conv(cout):
     from cte_jax.networks import Conv3x3
@@ -196,19 +203,10 @@ def test_one_channel_conv_equals_lax_conv(cout):
     want = jax.lax.conv_general_dilated(x, v["params"]["kernel"], (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + v["params"]["bias"]
     # A numpy oracle of the borders: zero padding, cross-correlation as torch and lax define it.
-    xp = np.pad(np.asarray(x[..., 0]), ((0, 0), (1, 1), (1, 1)))
-    k = np.asarray(v["params"]["kernel"])[:, :, 0]
-    oracle = sum(xp[:, i:i + 9, j:j + 13, None] * k[i, j] for i in range(3) for j in range(3)) + np.asarray(v["params"]["bias"])
+    oracle = _numpy_conv3x3(np.asarray(x), np.asarray(v["params"]["kernel"])) + np.asarray(v["params"]["bias"])
     got = conv.apply(v, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(got, oracle, atol=1e-5)
-
-
-def _numpy_conv3x3(x: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """'Same' 3x3 cross-correlation with zero padding, as torch and lax define it (b h w c)."""
-    h, w = x.shape[1:3]
-    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(xp[:, i:i + h, j:j + w] @ k[i, j].astype(np.float64) for i in range(3) for j in range(3))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 8, 8, 16), (1, 1, 1, 2), (3, 4, 1, 5)])
