@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 # The CLI turns on a persistent XLA cache in the user's cache folder; tests keep theirs apart
-# (shared by the subprocesses a test starts, so a program compiles once per run).
-os.environ.setdefault("CTE_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="cte_jax_test_xla_"))
+# (shared by the subprocesses a test starts, so a program compiles once per run). A folder made
+# here is removed when the run ends, so test runs do not pile up compiled programs in /tmp.
+if "CTE_JAX_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="cte_jax_test_xla_")
+    os.environ["CTE_JAX_CACHE_DIR"] = _xla_cache
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 
 # Non-partitionable threefry compiles random initialisers ~10x faster on CPU; tests compare
 # computations with each other, never with stored random draws, so the stream does not matter.
