@@ -343,9 +343,10 @@ baselines (mean foreground confidence, 1 - mean entropy, MC-dropout variance agr
 its true performance (foreground F1 or instance mAP, median over images), then Kendall tau,
 Spearman rho and Pearson r of each estimator against performance, with permutation p-values.
 
-Models predicting far less foreground than the bank's median are flagged (their consistency
-may be high for the wrong reason); each estimator is reported unchanged (paper), without the
-flagged models (unflagged), and with a corrected score (--correction).
+Models predicting far less foreground than the bank's median (LOW: below a fifth of it), or far
+more (HIGH: above max(0.5, twice it)), are flagged: their consistency may be high for the wrong
+reason. Each estimator is reported unchanged (paper), without the flagged models (unflagged),
+and with a corrected score (--correction).
 
 A target is a labelled domain folder (images/, labels/, split.json), e.g. ../shared/data/nuclei/
 dsb2018_fluo_256; with several targets the statistics are also averaged over targets.
@@ -414,7 +415,7 @@ def cmd_evaluate(args) -> int:
         print(f"target {res['target']}: {res['n_images']} images, {len(res['models'])} models, "
               f"performance = {res['performance_label']}")
         if res["flagged"]:
-            print(f"low-foreground models (flagged): {', '.join(res['flagged'])}")
+            print(f"flagged models (foreground far below or above the bank median): {', '.join(res['flagged'])}")
         print(_evaluation_table(table, multi=False))
     else:
         if args.labels:
