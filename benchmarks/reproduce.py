@@ -2,8 +2,9 @@
 """Reproduce the paper's ranking study (Tables 1-2, Figures 2-3) on the real data pack.
 
 Leave-one-domain-out over the banks of ``benchmarks/banks`` (built by ``benchmarks/make_banks.sh``):
-every domain of a task is the target once (its ``split.json`` test split), and the models trained
-on that domain are left out of its ranking. For every target and model this computes, through
+every domain of a task is the target once (all its images by default, since no candidate model
+has seen any of them; ``--split test`` for its ``split.json`` test split only), and the models
+trained on that domain are left out of its ranking. For every target and model this computes, through
 ``cte_jax.evaluate.evaluate_targets``:
 
 * CTE-NHD and CTE-EI under a feature perturbation (spatial dropout at the bottleneck) and an
@@ -191,11 +192,15 @@ def _write_png(arr: np.ndarray, path: Path) -> None:
     Image.fromarray(arr).save(path)
 
 
-def prepare_target(domain: Path, out: Path, *, max_units: int, tile: int = 256, whole_max: int = 256) -> dict:
-    """Write a capped copy of a domain's test split (whole small images, 256x256 tiles of large
-    ones) to ``out/images`` and ``out/labels``; returns its description. Idempotent."""
+def prepare_target(domain: Path, out: Path, *, max_units: int, tile: int = 256, whole_max: int = 256,
+                   split: str = "test") -> dict:
+    """Write a capped copy of a domain's ``split.json`` split ("test"), or of all its images
+    ("all"), as whole small images and 256x256 tiles of large ones, to ``out/images`` and
+    ``out/labels``; returns its description. Idempotent."""
     info_path = out / "target.json"
     want = {"domain": str(domain), "max_units": max_units, "tile": tile, "whole_max": whole_max}
+    if split != "test":
+        want["split"] = split
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("request") == want:
@@ -204,7 +209,10 @@ def prepare_target(domain: Path, out: Path, *, max_units: int, tile: int = 256, 
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir(parents=True)
-    names = sorted(json.loads((domain / "split.json").read_text())["test"])
+    if split == "all":
+        names = sorted(p.stem for p in (domain / "images").glob("*.png"))
+    else:
+        names = sorted(json.loads((domain / "split.json").read_text())[split])
     per_image: list[list[tuple[str, np.ndarray, np.ndarray]]] = []
     for n in names:
         img = _read_png(domain / "images" / f"{n}.png")
@@ -233,7 +241,7 @@ def prepare_target(domain: Path, out: Path, *, max_units: int, tile: int = 256, 
     for n, img, lab in chosen:
         _write_png(np.ascontiguousarray(img), out / "images" / f"{n}.png")
         _write_png(np.ascontiguousarray(lab), out / "labels" / f"{n}.png")
-    info = {"request": want, "n_test_images": len(names), "units": [c[0] for c in chosen],
+    info = {"request": want, "n_test_images": len(names), "split": split, "units": [c[0] for c in chosen],
             "n_units": len(chosen), "shapes": sorted({f"{c[1].shape[0]}x{c[1].shape[1]}" for c in chosen})}
     info_path.write_text(json.dumps(info, indent=1))
     return info
@@ -325,7 +333,7 @@ def map_performance(bank_models, target_dir: Path, models: Sequence[str], *, tas
 
 
 # -- the study -------------------------------------------------------------------------------------------
-def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, perturbations: Sequence[str],
+def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, perturbations: Sequence[str], split: str = "test",
              metrics: Sequence[str], baselines: Sequence[str], domains: Sequence[str] | None = None,
              include: Sequence[str] | None = None, plots: bool = True, seed: int = 0,
              n_permutations: int = 1000, log=print) -> dict[str, Any]:
@@ -339,7 +347,8 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
     targets, infos = [], {}
     for dom in (domains or cfg["domains"]):
         tdir = work / "targets" / task / dom
-        infos[dom] = prepare_target(shared / "data" / task / dom, tdir, max_units=max_units, whole_max=whole_max)
+        infos[dom] = prepare_target(shared / "data" / task / dom, tdir, max_units=max_units, whole_max=whole_max,
+                                     split=split)
         inc = [n for n in include if n in model_names] if include is not None else None
         excluded = sorted(m.name for m in models if _trained_on(dom)(m))
         targets.append((E.LabelledTarget(name=dom, path=tdir / "images", labels=tdir / "labels",
@@ -383,14 +392,14 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
             "excluded": {t.name: ex for t, ex in targets}, "seconds": {"evaluate": t_eval, "map": t_map}}
 
 
-def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, seed: int = 0,
+def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, seed: int = 0, split: str = "test",
               n_permutations: int = 1000) -> dict[str, Any]:
     from cte_jax import evaluate as E
     from cte_jax.modelio import load_bank
 
     models = load_bank(banks / task)
     tdir = work / "targets" / task / domain
-    prepare_target(shared / "data" / task / domain, tdir, max_units=max_units, whole_max=whole_max)
+    prepare_target(shared / "data" / task / domain, tdir, max_units=max_units, whole_max=whole_max, split=split)
     t0 = time.perf_counter()
     r = E.evaluate(models, tdir / "images", labels=tdir / "labels", name=domain, exclude=_trained_on(domain),
                    perturbations=list(SWEEP), metrics=["nhd"], baselines=(), out_dir=work / "sweep" / task,
@@ -536,11 +545,13 @@ def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[
          f"(JAX {__import__('jax').__version__}, CPU). Banks: `benchmarks/banks/` (rebuild: "
          "`bash benchmarks/make_banks.sh`; every model's recipe in the bank's RECIPES.md).", "",
          "## Protocol", "",
-         "- Leave-one-domain-out: each domain's `split.json` test split is the target once; models "
-         "trained on that domain are excluded from its ranking.",
+         ("- Leave-one-domain-out: each domain's `split.json` test split is the target once; models "
+          if args.split == "test" else
+          "- Leave-one-domain-out: each domain (all its images, `--split all`) is the target once; models ")
+         + "trained on that domain are excluded from its ranking.",
          f"- Targets capped for time: at most {args.max_units} units per target (whole images up to "
          f"{args.whole_max} px a side, else 256x256 tiles with labelled foreground, round-robin over "
-         "the test images). Units per target are listed below.",
+         f"the {'test ' if args.split == 'test' else ''}images). Units per target are listed below.",
          f"- Perturbations: feature = `{FEATURE}` (spatial dropout at the bottleneck), input = `{INPUT}` "
          "(Gaussian noise after normalisation, sigma ~ U(0.1, 0.2) per image). One clean and one "
          "perturbed pass; dataset score = median over images.",
@@ -609,7 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the shared folder holding data/ (default: $CTE_SHARED or ../shared)")
     ap.add_argument("--banks", default=str(REPO / "benchmarks" / "banks"))
     ap.add_argument("--tasks", default="nuclei,mito_em,membranes_em", help="comma-separated, or none")
-    ap.add_argument("--max-units", type=int, default=16, help="images/tiles per target (default: 16)")
+    ap.add_argument("--max-units", type=int, default=64, help="images/tiles per target (default: 64)")
+    ap.add_argument("--split", choices=["test", "all"], default="all",
+                    help="images of a target domain to draw units from: its split.json test split, or all of them "
+                         "(leave-one-domain-out excludes every model trained on the target domain, so no candidate "
+                         "has seen any of its images) (default: all)")
     ap.add_argument("--whole-max", type=int, default=256,
                     help="images larger than this (a side) are cut into 256x256 tiles (default: 256, so that every unit "
                          "is 256x256 or smaller and one compiled program per architecture serves a target)")
@@ -646,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_units = 1
         args.whole_max = 256
         runs["nuclei"] = run_task("nuclei", shared=shared, banks=banks, work=work, max_units=args.max_units, whole_max=args.whole_max,
-                                  perturbations=[FEATURE], metrics=["nhd"], baselines=["confidence"],
+                                  perturbations=[FEATURE], metrics=["nhd"], baselines=["confidence"], split=args.split,
                                   domains=["dsb2018_stage1_test", "coelho2009_u2os"],
                                   include=["fluo256", "fluo360", "fluo_u2os520"], plots=False, seed=args.seed,
                                   n_permutations=100)
@@ -656,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.from_saved and saved.is_file():
                 runs[task] = json.loads(saved.read_text())
                 continue
-            runs[task] = run_task(task, shared=shared, banks=banks, work=work, max_units=args.max_units,
+            runs[task] = run_task(task, shared=shared, banks=banks, work=work, max_units=args.max_units, split=args.split,
                                   whole_max=args.whole_max, perturbations=[FEATURE, INPUT],
                                   metrics=TASKS[task]["metrics"], baselines=BASELINES, seed=args.seed,
                                   n_permutations=args.permutations)
@@ -668,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sweep = json.loads(saved.read_text())
             else:
                 st, sd = args.sweep.split("/")
-                sweep = run_sweep(st, sd, shared=shared, banks=banks, work=work, max_units=args.max_units,
+                sweep = run_sweep(st, sd, shared=shared, banks=banks, work=work, max_units=args.max_units, split=args.split,
                                   whole_max=args.whole_max, seed=args.seed, n_permutations=args.permutations)
                 sweep = json.loads(json.dumps(sweep, default=str))
                 _dump(sweep, saved)

@@ -69,6 +69,21 @@ def test_prepare_target_tiles_are_crops_of_the_source(tmp_path):
     assert info1["n_units"] == 1
 
 
+def test_prepare_target_split_all_takes_every_image_of_the_domain(tmp_path):
+    mod = _module()
+    dom = _fake_domain(tmp_path / "dom", {"a": (200, 200), "b": (220, 200), "c": (240, 200)})
+    (dom / "split.json").write_text(json.dumps({"train": ["a", "c"], "test": ["b"]}))
+    test = mod.prepare_target(dom, tmp_path / "t", max_units=10, whole_max=256)
+    assert test["units"] == ["b"]
+    every = mod.prepare_target(dom, tmp_path / "t", max_units=10, whole_max=256, split="all")
+    assert sorted(every["units"]) == ["a", "b", "c"]
+    assert sorted(p.name for p in (tmp_path / "t" / "images").iterdir()) == ["a.png", "b.png", "c.png"]
+    # The cached folder is rewritten when the request changes back.
+    again = mod.prepare_target(dom, tmp_path / "t", max_units=10, whole_max=256)
+    assert again["units"] == ["b"]
+    assert [p.name for p in (tmp_path / "t" / "images").iterdir()] == ["b.png"]
+
+
 def test_write_recipes_lists_every_model_with_its_command(tmp_path):
     mod = _module()
     for name, dom in (("a", "dom_a"), ("b", "dom_b")):
