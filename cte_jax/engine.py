@@ -23,6 +23,7 @@ METRICS = ("nhd", "ei", "vrand", "confidence", "entropy", "mcdropout")
 # Baselines computed by the same program (cte_jax.baselines): "confidence" and "entropy" use the
 # clean pass only (identical for every perturbation); "mcdropout" needs Plan.mc_samples draws.
 BASELINE_METRICS = ("confidence", "entropy", "mcdropout")
+CLEAN_METRICS = ("confidence", "entropy")
 MC_SAMPLES = 4  # draws per image for "mcdropout"; each costs one more decoder pass
 STRATEGIES = ("auto", "map", "vmap")
 PRECISIONS = ("float32", "bfloat16")
@@ -95,6 +96,11 @@ class Plan:
             raise ValueError(f"mc_samples must be >= 2, got {self.mc_samples}")
         if self.chunk_pixels < 0:
             raise ValueError(f"chunk_pixels must be >= 0, got {self.chunk_pixels}")
+
+    @property
+    def clean_only(self) -> bool:
+        """True when every metric is a baseline of the clean pass alone (no perturbed pass)."""
+        return bool(self.metrics) and all(m in CLEAN_METRICS for m in self.metrics)
 
     @property
     def draws(self) -> int:
@@ -186,8 +192,11 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
         out = activate(plan.spec, logits) if plan.spec.final_activation else jax.nn.sigmoid(logits)
         return jnp.take(out, channel, axis=-1)
 
-    feature_perts = [p for p in plan.perturbations if p.is_feature]
-    input_perts = [p for p in plan.perturbations if not p.is_feature]
+    # Baselines of the clean pass alone need no perturbed pass: every perturbation's row is the
+    # clean scores (rank --metric confidence entropy).
+    clean_only = plan.clean_only
+    feature_perts = [p for p in plan.perturbations if p.is_feature and not clean_only]
+    input_perts = [p for p in plan.perturbations if not p.is_feature and not clean_only]
     n_draws = plan.draws
 
     def over_draws(fn, pert, *per_image):
@@ -222,6 +231,8 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
         dropped = over_draws(lambda k, f, pert=pert: perturb_bottleneck(k, f, pert), pert, feats[-1][:b])
         chunks[pert] = decode(skips + [dropped], clean_partials)[0]
     clean = probs[0]
+    if clean_only:
+        chunks = {pert: probs[:1] for pert in plan.perturbations}
     clean_inst = instances_of(clean, mask, plan) if "vrand" in plan.metrics else None
     out = [consistency(clean, chunks[pert][0], mask, plan, clean_inst, chunks[pert][1:] if n_draws > 1 else None)
            for pert in plan.perturbations]
@@ -294,8 +305,12 @@ def score_black_box(predict, pert_list: Sequence[Perturbation], plan_metrics: Se
     scores, valid = [], []
     for pert in pert_list:
         k = jax.random.fold_in(model_key, stable_id(pert.name))
-        xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x), mask)
-        q = np.asarray(predict(np.asarray(xp)))[..., channel]
+        if plan.clean_only:  # baselines of the clean pass: no perturbed prediction needed
+            q = clean
+        else:
+            xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x),
+                                   mask)
+            q = np.asarray(predict(np.asarray(xp)))[..., channel]
         s, v = _bb_metrics(plan)(jnp.asarray(clean), jnp.asarray(q), mask, clean_inst)
         scores.append(np.asarray(s))
         valid.append(np.asarray(v))

@@ -333,3 +333,54 @@ def test_engine_baselines_same_program_paper_scores_unchanged():
     assert np.all((s[:, 0, 3] >= 0) & (s[:, 0, 3] <= 1)) and np.any(s[:, 0, 3][v[:, 0, 3]] < 1)
     with pytest.raises(ValueError, match="mc_samples"):
         engine.Plan(spec=SPEC, perturbations=perts, metrics=metrics, mc_samples=1)
+
+
+def test_engine_clean_only_baselines_skip_the_perturbed_passes():
+    models = [Model(name=f"m{i}", normalization=NORM, spec=SPEC, variables=init_vars(i)) for i in range(2)]
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
+    boxes = np.array([[0, 32, 0, 32], [0, 30, 0, 28]], np.int32)
+    perts = tuple(parse_perturbation(p) for p in ("dropout:0.3", "noise:0.2"))
+    only = engine.Plan(spec=SPEC, perturbations=perts, metrics=("confidence", "entropy"))
+    mixed = engine.Plan(spec=SPEC, perturbations=perts, metrics=("nhd", "confidence", "entropy"))
+    assert only.clean_only and not mixed.clean_only
+    assert not engine.Plan(spec=SPEC, perturbations=perts, metrics=("entropy", "mcdropout")).clean_only
+    s, v = _engine_scores(only, models, x, boxes)
+    s_mixed, v_mixed = _engine_scores(mixed, models, x, boxes)
+    np.testing.assert_allclose(s, s_mixed[:, :, 1:], atol=1e-6)
+    np.testing.assert_array_equal(v, v_mixed[:, :, 1:])
+
+    # The clean-only program runs one forward pass per model: the mixed one runs the noisy images
+    # through the encoder as well and decodes the dropped bottleneck once more.
+    def n_convs(plan):
+        fn = engine.scoring_function(plan)
+        variables = engine.stack_variables([m.variables for m in models])
+        jaxpr = jax.make_jaxpr(fn)(variables, np.zeros(2, np.int32), np.zeros(2, np.int32),
+                                   np.arange(2, dtype=np.int32), x[None], boxes, np.arange(2, dtype=np.int32),
+                                   jax.random.key(0))
+        return str(jaxpr).count("conv_general_dilated")
+
+    assert n_convs(only) < n_convs(mixed)
+
+
+def test_black_box_clean_only_baselines_predict_once():
+    calls = []
+
+    def predict(x):
+        calls.append(x.shape)
+        return 1.0 / (1.0 + np.exp(-x))
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 16, 16, 1)).astype(np.float32)
+    boxes = np.array([[0, 16, 0, 16], [0, 12, 0, 14]], np.int32)
+    perts = [parse_perturbation(p) for p in ("noise:0.2", "gamma:1.5")]
+    kw = dict(x=x, boxes=boxes, unit_ids=np.arange(2, dtype=np.int32), key=jax.random.key(0), model_id=0,
+              threshold=0.5)
+    s, v, _ = engine.score_black_box(predict, perts, ("confidence", "entropy"), **kw)
+    assert len(calls) == 1  # the clean pass only
+    s_mixed, v_mixed, _ = engine.score_black_box(predict, perts, ("nhd", "confidence", "entropy"), **kw)
+    assert len(calls) == 1 + 1 + len(perts)
+    np.testing.assert_allclose(s, s_mixed[:, 1:], atol=1e-6)
+    np.testing.assert_array_equal(v, v_mixed[:, 1:])
+    mask = np.asarray(engine.box_mask(boxes, (16, 16)))
+    for pi in range(len(perts)):
+        _compare((s[pi, 1], v[pi, 1]), _np_entropy(predict(x)[..., 0], mask), atol=1e-5)
