@@ -7,8 +7,9 @@
 # Run from anywhere; paths are resolved against the repository root. The data pack is taken from
 # $CTE_SHARED/data (default: ../shared/data next to the repository). Every model is trained with
 # `python -m cte_jax.cli train` (the `cte-jax train` command) on its source domain's split.json
-# "train" split only (validation: a fixed 10% of that split); test splits are never touched, so
-# benchmarks/reproduce.py can evaluate every domain's test split as a held-out target.
+# "train" split only (validation: a fixed 10% of that split); test splits are never touched.
+# benchmarks/reproduce.py makes every domain the held-out target once (all its images by
+# default), leaving out the models trained on it.
 # A model directory that already exists is skipped (delete it to retrain). After training, each
 # bank's RECIPES.md is regenerated from the model.json provenance (exact command, source domain,
 # settings, training time, validation F1, size on disk).

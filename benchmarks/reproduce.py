@@ -154,9 +154,10 @@ def write_recipes(banks: Path) -> list[Path]:
                  "`python benchmarks/reproduce.py --write-recipes benchmarks/banks` (run by "
                  "`benchmarks/make_banks.sh`, which rebuilds the bank). Every model was trained with "
                  "`cte-jax train` on its source domain's `split.json` train split only (validation: a "
-                 "fixed 10% of it by name hash); the test splits are the held-out targets of "
-                 "`benchmarks/reproduce.py`. Paths are relative to the repository root; `../shared/data` is "
-                 "the data pack.", ""]
+                 "fixed 10% of it by name hash). `benchmarks/reproduce.py` makes each domain the held-out "
+                 "target once, with every model trained on it left out, so no candidate has seen any "
+                 "target image. Paths are relative to the repository root; `../shared/data` is the data "
+                 "pack.", ""]
         lines += bank_table(facts)
         lines += ["", "Common settings: Adam, cosine schedule, BCE + Dice loss, bottleneck dropout during "
                   "training as listed, weights of the best validation F1 kept.", ""]
