@@ -242,7 +242,7 @@ def prepare_target(domain: Path, out: Path, *, max_units: int, tile: int = 256, 
     for n, img, lab in chosen:
         _write_png(np.ascontiguousarray(img), out / "images" / f"{n}.png")
         _write_png(np.ascontiguousarray(lab), out / "labels" / f"{n}.png")
-    info = {"request": want, "n_test_images": len(names), "split": split, "units": [c[0] for c in chosen],
+    info = {"request": want, "n_images": len(names), "split": split, "units": [c[0] for c in chosen],
             "n_units": len(chosen), "shapes": sorted({f"{c[1].shape[0]}x{c[1].shape[1]}" for c in chosen})}
     info_path.write_text(json.dumps(info, indent=1))
     return info
@@ -455,7 +455,7 @@ def table_lines(runs: dict[str, dict], perf: str, perturbations: Sequence[str]) 
 
 def per_target_lines(run: dict, perf: str, key: str) -> list[str]:
     s = run["summaries"][perf][key]["paper"]
-    lines = [f"| target | models | test units | K_tau | S_rho | P_r | S_rho p |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| target | models | units | K_tau | S_rho | P_r | S_rho p |", "|---|---|---|---|---|---|---|"]
     for t, row in (s or {}).get("per_target", {}).items():
         lines.append(f"| {t} | {row.get('n_models')} | {run['targets'][t]['n_units']} | {_fmt(row.get('kendall_tau'))} | "
                      f"{_fmt(row.get('spearman_rho'))} | {_fmt(row.get('pearson_r'))} | "
