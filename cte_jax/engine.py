@@ -231,11 +231,12 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
         dropped = over_draws(lambda k, f, pert=pert: perturb_bottleneck(k, f, pert), pert, feats[-1][:b])
         chunks[pert] = decode(skips + [dropped], clean_partials)[0]
     clean = probs[0]
-    if clean_only:
-        chunks = {pert: probs[:1] for pert in plan.perturbations}
-    clean_inst = instances_of(clean, mask, plan) if "vrand" in plan.metrics else None
-    out = [consistency(clean, chunks[pert][0], mask, plan, clean_inst, chunks[pert][1:] if n_draws > 1 else None)
-           for pert in plan.perturbations]
+    if clean_only:  # one set of clean-pass scores, the row of every perturbation
+        out = [consistency(clean, clean, mask, plan, None)] * len(plan.perturbations)
+    else:
+        clean_inst = instances_of(clean, mask, plan) if "vrand" in plan.metrics else None
+        out = [consistency(clean, chunks[pert][0], mask, plan, clean_inst, chunks[pert][1:] if n_draws > 1 else None)
+               for pert in plan.perturbations]
     return jnp.stack([s for s, _ in out]), jnp.stack([v for _, v in out]), foreground_fraction(clean, mask, plan.threshold)
 
 
@@ -301,16 +302,16 @@ def score_black_box(predict, pert_list: Sequence[Perturbation], plan_metrics: Se
     model_key = jax.random.fold_in(key, model_id)
     clean = np.asarray(predict(x))[..., channel]
     fg = np.asarray(foreground_fraction(jnp.asarray(clean), mask, threshold))
+    if plan.clean_only:  # baselines of the clean pass: no perturbed prediction, one set of scores
+        s, v = _bb_metrics(plan)(jnp.asarray(clean), jnp.asarray(clean), mask, None)
+        n = len(pert_list)
+        return np.repeat(np.asarray(s)[None], n, 0), np.repeat(np.asarray(v)[None], n, 0), fg
     clean_inst = instances_of(jnp.asarray(clean), mask, plan) if "vrand" in plan.metrics else None
     scores, valid = [], []
     for pert in pert_list:
         k = jax.random.fold_in(model_key, stable_id(pert.name))
-        if plan.clean_only:  # baselines of the clean pass: no perturbed prediction needed
-            q = clean
-        else:
-            xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x),
-                                   mask)
-            q = np.asarray(predict(np.asarray(xp)))[..., channel]
+        xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x), mask)
+        q = np.asarray(predict(np.asarray(xp)))[..., channel]
         s, v = _bb_metrics(plan)(jnp.asarray(clean), jnp.asarray(q), mask, clean_inst)
         scores.append(np.asarray(s))
         valid.append(np.asarray(v))
