@@ -549,10 +549,9 @@ def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[
          f"(JAX {__import__('jax').__version__}, CPU). Banks: `benchmarks/banks/` (rebuild: "
          "`bash benchmarks/make_banks.sh`; every model's recipe in the bank's RECIPES.md).", "",
          "## Protocol", "",
-         ("- Leave-one-domain-out: each domain's `split.json` test split is the target once; models "
-          if args.split == "test" else
-          "- Leave-one-domain-out: each domain (all its images, `--split all`) is the target once; models ")
-         + "trained on that domain are excluded from its ranking.",
+         "- Leave-one-domain-out: each domain"
+         + ("'s `split.json` test split" if args.split == "test" else " (all its images, `--split all`)")
+         + " is the target once; models trained on that domain are excluded from its ranking.",
          f"- Targets capped for time: at most {args.max_units} units per target (whole images up to "
          f"{args.whole_max} px a side, else 256x256 tiles with labelled foreground, round-robin over "
          f"the {'test ' if args.split == 'test' else ''}images). Units per target are listed below.",
