@@ -504,6 +504,85 @@ def failure_lines(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+# -- architecture ------------------------------------------------------------------------------------
+def architecture_groups(facts: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(architecture, model names) per architecture of a bank (features, layer order and task),
+    the largest group first."""
+    groups: dict[str, list[str]] = {}
+    for f in facts:
+        groups.setdefault(f"{f['features']} {f['layer_order']} {f['task']}", []).append(f["name"])
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+
+
+def rank_shifts(run: dict, key: str, perf: str) -> dict[str, list[float]]:
+    """Per model, one value per target where it is a candidate with a score: its rank by the
+    estimator ``key`` minus its rank by the performance ``perf`` (1 = best, ties averaged).
+    Positive: the estimator ranks the model below its true place; negative: above it."""
+    from scipy.stats import rankdata
+
+    out: dict[str, list[float]] = {}
+    for t, r in run["result"]["targets"].items():
+        rows = [(m["model"], m["scores"].get(key), run["performance"][perf][t].get(m["model"])) for m in r["models"]]
+        rows = [x for x in rows if x[1] is not None and x[2] is not None]
+        if len(rows) < 2:
+            continue
+        by_score = rankdata([-x[1] for x in rows])
+        by_perf = rankdata([-x[2] for x in rows])
+        for (name, _, _), a, b in zip(rows, by_score, by_perf):
+            out.setdefault(name, []).append(float(a - b))
+    return out
+
+
+def restricted(run: dict, models: Sequence[str]) -> dict[str, dict]:
+    """The run's per-target results with only ``models`` among the candidates."""
+    keep = set(models)
+    return {t: {**r, "models": [m for m in r["models"] if m["model"] in keep]}
+            for t, r in run["result"]["targets"].items()}
+
+
+ARCH_KEYS = (f"nhd@{FEATURE}", f"ei@{FEATURE}", f"nhd@{INPUT}", "confidence", "entropy")
+
+
+def architecture_lines(runs: dict[str, dict], banks: Path, *, seed: int = 0) -> list[str]:
+    """Per task whose bank mixes architectures: each model's mean rank shift under the main
+    estimators, and the ranking statistics with the bank's largest architecture group alone."""
+    lines: list[str] = []
+    for task, run in runs.items():
+        ran = {m["model"] for r in run["result"]["targets"].values() for m in r["models"]}
+        facts = [f for f in bank_facts(banks / task) if f["name"] in ran]
+        groups = architecture_groups(facts)
+        if len(groups) < 2 or len(groups[0][1]) < 3:
+            continue
+        keys = [k for k in ARCH_KEYS if k in run["summaries"]["f1"]]
+        arch_of = {n: a for a, names in groups for n in names}
+        lines += [f"### {task}", "", "Mean rank shift over the targets where a model is a candidate (its rank by the "
+                  "estimator minus its rank by F1; 1 = best; negative = ranked above its true place):", "",
+                  "| model | architecture | targets | " + " | ".join(keys) + " |", "|" + "---|" * (3 + len(keys))]
+        shifts = {k: rank_shifts(run, k, "f1") for k in keys}
+        for name in sorted(arch_of):
+            n = len(shifts[keys[0]].get(name, []))
+            if not n:
+                continue
+            cells = " | ".join(_fmt(float(np.mean(shifts[k][name])), 1) if shifts[k].get(name) else "n/a" for k in keys)
+            lines.append(f"| {name} | {arch_of[name]} | {n} | {cells} |")
+        arch, members = groups[0]
+        lines += ["", f"Mean S_rho over targets, all candidates against the largest architecture group alone "
+                  f"({arch}: {len(members)} of {len(facts)} models):", "",
+                  "| estimator | all, vs F1 | one architecture, vs F1 | all, vs mAP | one architecture, vs mAP |",
+                  "|---|---|---|---|---|"]
+        one = {perf: summarise(restricted(run, members), run["performance"][perf], seed=seed, n_permutations=99)
+               for perf in run["performance"]}
+        for k in keys:
+            cells = []
+            for perf in ("f1", "map"):
+                for summ in (run["summaries"].get(perf, {}), one.get(perf, {})):
+                    s = (summ.get(k) or {}).get("paper")
+                    cells.append(_fmt(s["mean"]["spearman_rho"]) if s else "n/a")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 PER_TARGET_FIGURES = ("coelho2009_u2os", "dsb2018_stage1_test", "vnc_sstem", "cdeep3m_sbem", "isbi2012")
 
 
@@ -581,6 +660,12 @@ def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[
         keys = [k for k in run["result"]["targets"][next(iter(run["result"]["targets"]))]["estimators"]
                 if k.split("@")[0] in ("nhd", "vrand", "ccfv")]
         L += [f"### {task}", ""] + model_lines(run, list(run["performance"]), keys) + [""]
+    arch = architecture_lines(runs, banks, seed=args.seed)
+    if arch:
+        L += ["## By architecture", "",
+              "Bottleneck dropout perturbs models of different depth or width by different amounts. For "
+              "every bank that mixes architectures: how far each model's rank moves under each "
+              "estimator, and the statistics with one architecture alone.", ""] + arch
     L += ["## Failure mode: models predicting almost no foreground, or most of the image", "",
           "`rank` flags a model whose median predicted-foreground fraction is below 20% of the bank's "
           "median (`low_foreground`, LOW) or above max(0.5, 2 x the median) (`high_foreground`, HIGH). "

@@ -135,3 +135,52 @@ def test_quick_run_writes_consistent_tables(tmp_path):
             if perf == "f1":
                 # The F1 of evaluate() and the table agree.
                 assert q == [m["performance"] for m in models]
+
+
+def _fake_run(scores: dict[str, dict[str, float]], perf: dict[str, dict[str, float]]) -> dict:
+    """A run dict as run_task writes it, with one estimator "nhd@dropout:0.1"."""
+    targets = {}
+    for t, sc in scores.items():
+        targets[t] = {"models": [{"model": m, "scores": {"nhd@dropout:0.1": s}, "low_foreground": False,
+                                  "high_foreground": False, "foreground_fraction": 0.1} for m, s in sc.items()],
+                      "estimators": {"nhd@dropout:0.1": {"corrected": None}}, "median_foreground_fraction": 0.1}
+    return {"result": {"targets": targets}, "performance": {"f1": perf}}
+
+
+def test_rank_shifts_are_estimator_rank_minus_performance_rank():
+    mod = _module()
+    # t1: the estimator reverses the true order of a, b, c; t2: it is right, and d has no score.
+    run = _fake_run({"t1": {"a": 0.7, "b": 0.8, "c": 0.9}, "t2": {"a": 0.9, "b": 0.5, "d": None}},
+                    {"t1": {"a": 0.9, "b": 0.8, "c": 0.7}, "t2": {"a": 0.6, "b": 0.4, "d": 0.9}})
+    shifts = mod.rank_shifts(run, "nhd@dropout:0.1", "f1")
+    assert shifts == {"a": [2.0, 0.0], "b": [0.0, 0.0], "c": [-2.0]}
+    # Ties share the mean rank on both sides.
+    run = _fake_run({"t": {"a": 0.5, "b": 0.5, "c": 0.1}}, {"t": {"a": 0.9, "b": 0.1, "c": 0.5}})
+    assert mod.rank_shifts(run, "nhd@dropout:0.1", "f1") == {"a": [0.5], "b": [-1.5], "c": [1.0]}
+
+
+def test_one_architecture_statistics_match_scipy_on_the_subset():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    mod = _module()
+    rng = np.random.default_rng(3)
+    names = ["a", "b", "c", "d", "e"]
+    scores = {t: dict(zip(names, rng.random(5).tolist())) for t in ("t1", "t2", "t3")}
+    perf = {t: dict(zip(names, rng.random(5).tolist())) for t in ("t1", "t2", "t3")}
+    run = _fake_run(scores, perf)
+    keep = ["a", "c", "d", "e"]
+    summ = mod.summarise(mod.restricted(run, keep), perf, n_permutations=9)
+    want = np.mean([scipy_stats.spearmanr([scores[t][m] for m in keep], [perf[t][m] for m in keep]).statistic
+                    for t in scores])
+    assert summ["nhd@dropout:0.1"]["paper"]["mean"]["spearman_rho"] == pytest.approx(want, abs=1e-12)
+    full = np.mean([scipy_stats.spearmanr([scores[t][m] for m in names], [perf[t][m] for m in names]).statistic
+                    for t in scores])
+    assert want != pytest.approx(full)  # leaving b out changes the statistic, so the filter acts
+
+
+def test_architecture_groups_largest_first():
+    mod = _module()
+    facts = [{"name": n, "features": f, "layer_order": "cr", "task": "foreground"}
+             for n, f in [("x", "8,16"), ("a", "16,32"), ("b", "16,32"), ("y", "16,32,64")]]
+    groups = mod.architecture_groups(facts)
+    assert groups[0] == ("16,32 cr foreground", ["a", "b"])
+    assert sorted(n for _, names in groups for n in names) == ["a", "b", "x", "y"]
