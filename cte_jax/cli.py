@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,8 +72,24 @@ BASELINE_TITLES = {"confidence": "baseline: mean confidence (clean pass; for com
                    "entropy": "baseline: 1 - mean entropy (clean pass; for comparison)"}
 
 
+def _architecture_note(records: list[dict]) -> list[str]:
+    """A warning under a feature-perturbation table whose scored models differ in architecture."""
+    counts = Counter(r["architecture"] for r in records if r.get("architecture") and r["score"] is not None)
+    if len(counts) < 2:
+        return []
+    mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
+    text = (f"note: bottleneck dropout is not equally strong for every architecture, and these models "
+            f"have {len(counts)} (channels per level: {mix}). In our nuclei study CTE-NHD ranked a 4-level "
+            f"model 1.5-3.7 places above its true place and a narrower 3-level one 1.8-3.5 places below "
+            f"(benchmarks/RESULTS.md, 'By architecture'). Compare scores within one architecture, or check "
+            f"the order with --metric ei, which that study found less affected.")
+    return ["", *textwrap.wrap(text, 100)]
+
+
 def _table(records: list[dict]) -> str:
-    lines = []
+    from cte_jax.perturbations import parse_perturbation
+
+    lines, arch_note = [], []
     keys = []
     for r in records:
         # A baseline uses the clean pass only: its scores repeat under every perturbation.
@@ -100,6 +118,9 @@ def _table(records: list[dict]) -> str:
                 notes.append("predicts most of the image as foreground (wrong polarity?): its consistency may be unreliable")
             note = "".join(f"  [{n}]" for n in notes)
             lines.append(f"{rank:>4}  {r['model']:<{width}}  {score:>7}  {r['n_scored']:>6}  {r['n_skipped']:>7}  {fg:>6}{note}")
+        if pert and parse_perturbation(pert).is_feature and not arch_note:
+            arch_note = _architecture_note(rs)
+    lines += arch_note
     baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
     lines.append(f"\nscore: median per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")
@@ -107,7 +128,7 @@ def _table(records: list[dict]) -> str:
 
 
 RECORD_FIELDS = ["model", "perturbation", "metric", "score", "rank", "n_scored", "n_skipped",
-                 "foreground_fraction", "low_foreground", "high_foreground"]
+                 "foreground_fraction", "low_foreground", "high_foreground", "architecture"]
 
 
 def _write_json(records, path):

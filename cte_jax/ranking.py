@@ -418,7 +418,7 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                     score = float(np.median(vals) if aggregate == "median" else np.mean(vals))
                 note = "black-box model: feature perturbations need its layers" if (m.is_black_box and p in feature_perts) else None
                 rec = {"model": m.name, "perturbation": p.name, "metric": metric, "score": score, "rank": None,
-                       "n_scored": len(vals), "n_skipped": n_skipped}
+                       "n_scored": len(vals), "n_skipped": n_skipped, "architecture": architecture(m)}
                 if m.name in fg_median:
                     rec["foreground_fraction"] = fg_median[m.name]
                     # A model predicting far less foreground than the bank looks consistent for the
@@ -429,6 +429,12 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                     rec["note"] = note
                 records.append(rec)
     return assign_ranks(records)
+
+
+def architecture(model: Model) -> str | None:
+    """The model's channels per U-Net level, e.g. ``"16-32-64"`` (None for a black box): what sets
+    how strongly bottleneck dropout perturbs its output."""
+    return None if model.spec is None else "-".join(str(f) for f in model.spec.features)
 
 
 def assign_ranks(records: list[dict]) -> list[dict]:

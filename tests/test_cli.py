@@ -145,3 +145,30 @@ def test_help_teaches(capsys):
         main(["rank", "--help"])
     out = capsys.readouterr().out
     assert "dropout:0.1" in out and "examples" in out
+
+
+def test_rank_notes_mixed_architectures_under_feature_perturbations(setup, capsys, tmp_path):
+    # The fixture's bank is one architecture: no note.
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet")
+    assert code == 0, err
+    assert "not equally strong" not in out
+    # Add a 4-level model: the note names both architectures, once, under the feature table.
+    bank = tmp_path / "bank"
+    deep = UNetSpec(features=(4, 8, 16, 32), layer_order="cr")
+    for name, spec in (("m0", SPEC), ("m1", SPEC), ("deep", deep)):
+        save_model(Model(name=name, normalization=NORM, spec=spec, variables=init_variables(spec, jax.random.key(5))),
+                   bank / name)
+    code, out, err = _run(capsys, "rank", "--bank", bank, "--target", setup / "target", "--quiet",
+                          "--metric", "nhd", "ei", "--csv", tmp_path / "r.csv")
+    assert code == 0, err
+    assert out.count("not equally strong") == 1
+    assert "4-8-16 (2), 4-8-16-32 (1)" in " ".join(out.split())
+    assert out.index("not equally strong") > out.index("CTE-EI under dropout:0.1")
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert rows[0].endswith(",architecture")
+    assert sorted({r.rsplit(",", 1)[1] for r in rows[1:]}) == ["4-8-16", "4-8-16-32"]
+    # Input perturbations alone: the bottleneck is not perturbed, no note.
+    code, out, err = _run(capsys, "rank", "--bank", bank, "--target", setup / "target", "--quiet",
+                          "--perturbation", "noise:0.05")
+    assert code == 0, err
+    assert "not equally strong" not in out
