@@ -583,6 +583,41 @@ def architecture_lines(runs: dict[str, dict], banks: Path, *, seed: int = 0) -> 
     return lines
 
 
+# -- pairwise order by performance gap ---------------------------------------------------------------
+GAP_BINS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, math.inf))
+
+
+def pair_agreement(run: dict, key: str, perf: str, bins: Sequence[tuple[float, float]] = GAP_BINS,
+                   models: Sequence[str] | None = None) -> list[tuple[int, int]]:
+    """Per bin of |performance difference|: (pairs the estimator orders as the performance does,
+    pairs), over every pair of candidates of every target. A tie in either is not agreement."""
+    out = [[0, 0] for _ in bins]
+    for t, r in run["result"]["targets"].items():
+        rows = [(m["scores"].get(key), run["performance"][perf][t].get(m["model"])) for m in r["models"]
+                if models is None or m["model"] in models]
+        rows = [x for x in rows if x[0] is not None and x[1] is not None]
+        for i in range(len(rows)):
+            for j in range(i + 1, len(rows)):
+                gap = rows[i][1] - rows[j][1]
+                for b, (lo, hi) in enumerate(bins):
+                    if lo <= abs(gap) < hi:
+                        out[b][0] += int((rows[i][0] - rows[j][0]) * gap > 0)
+                        out[b][1] += 1
+    return [tuple(x) for x in out]
+
+
+def agreement_lines(runs: dict[str, dict], perf: str = "f1") -> list[str]:
+    """Per task: how often each estimator orders a pair of candidates as their performance does,
+    by how far apart that performance is."""
+    heads = [f"{lo:g}-{hi:g}" if math.isfinite(hi) else f">= {lo:g}" for lo, hi in GAP_BINS]
+    lines = ["| task | estimator | " + " | ".join(f"gap {h}" for h in heads) + " |", "|---|---|" + "---|" * len(GAP_BINS)]
+    for task, run in runs.items():
+        for k in [k for k in ARCH_KEYS if k in run["summaries"].get(perf, {})]:
+            cells = [f"{100 * a / n:.0f}% of {n}" if n else "–" for a, n in pair_agreement(run, k, perf)]
+            lines.append(f"| {task} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
 PER_TARGET_FIGURES = ("coelho2009_u2os", "dsb2018_stage1_test", "vnc_sstem", "cdeep3m_sbem", "isbi2012")
 
 
@@ -660,6 +695,9 @@ def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[
         keys = [k for k in run["result"]["targets"][next(iter(run["result"]["targets"]))]["estimators"]
                 if k.split("@")[0] in ("nhd", "vrand", "ccfv")]
         L += [f"### {task}", ""] + model_lines(run, list(run["performance"]), keys) + [""]
+    L += ["## Pairs of models by their F1 gap", "",
+          "Over every pair of candidates of every target: how often the estimator puts the pair in the "
+          "order of their foreground F1, by the F1 gap between them. 50% is chance.", ""] + agreement_lines(runs) + [""]
     arch = architecture_lines(runs, banks, seed=args.seed)
     if arch:
         L += ["## By architecture", "",

@@ -184,3 +184,13 @@ def test_architecture_groups_largest_first():
     groups = mod.architecture_groups(facts)
     assert groups[0] == ("16,32 cr foreground", ["a", "b"])
     assert sorted(n for _, names in groups for n in names) == ["a", "b", "x", "y"]
+
+
+def test_pair_agreement_counts_pairs_by_performance_gap():
+    mod = _module()
+    # Pairs and gaps: (a,b) 0.01 right, (a,c) 0.31 right, (b,c) 0.30 wrong; t2: (a,b) 0.06, a score tie.
+    run = _fake_run({"t1": {"a": 0.9, "b": 0.5, "c": 0.7}, "t2": {"a": 0.4, "b": 0.4}},
+                    {"t1": {"a": 0.81, "b": 0.80, "c": 0.50}, "t2": {"a": 0.7, "b": 0.64}})
+    got = mod.pair_agreement(run, "nhd@dropout:0.1", "f1")
+    assert got == [(1, 1), (0, 0), (0, 1), (1, 2)]
+    assert mod.pair_agreement(run, "nhd@dropout:0.1", "f1", models=["a", "c"]) == [(0, 0), (0, 0), (0, 0), (1, 1)]
