@@ -542,9 +542,11 @@ def _figures(results: Sequence[dict], out: Path, *, fig3: bool = True) -> dict[s
     for key, e in first["estimators"].items():
         points = {r["target"]: _points(r, key) for r in results}
         flagged = {r["target"]: r["flagged"] for r in results}
+        rho = {r["target"]: (r["estimators"][key].get("paper") or {}).get("spearman_rho") for r in results}
         made[f"fig2_{_safe(key)}"] = plots.score_vs_performance(
             points, out / f"fig2_{_safe(key)}.png", xlabel=e["label"], ylabel=ylabel,
-            title=f"{e['label']} vs performance", highlight=flagged)
+            title=f"{e['label']} vs performance", highlight=flagged,
+            notes={t: f"S_rho {v:.2f}" for t, v in rho.items() if v is not None})
     if fig3 and len(results) == 1:
         drop = [(parse_perturbation(p).lo, p) for p in first["perturbations"] if p.startswith("dropout:")]
         if len(drop) >= 2:

@@ -89,10 +89,19 @@ def _fit_line(ax, pts: Sequence[Point], color, style="-") -> dict | None:
     return {"slope": fit[0], "intercept": fit[1]}
 
 
+def _series_label(target: str, n: int, notes: Mapping[str, str] | None) -> str:
+    note = (notes or {}).get(target)
+    return f"{target} (n={n}{', ' + note if note else ''})"
+
+
+PANELS_ABOVE = 3  # more targets than this: one panel per target (one shared panel is illegible)
+
+
 def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.PathLike, *,
                          xlabel: str, ylabel: str, title: str | None = None,
                          label_points: bool = True,
-                         highlight: Sequence[str] | Mapping[str, Sequence[str]] = ()) -> dict[str, Any]:
+                         highlight: Sequence[str] | Mapping[str, Sequence[str]] = (),
+                         panels: bool | None = None, notes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Figure 2: one point per model (score, performance), one colour and least-squares line per
     target, points labelled with model names.
 
@@ -105,45 +114,82 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
       label_points: write the model name beside each point.
       highlight: model names to ring in red (e.g. models flagged for predicting almost no
         foreground), with a legend entry; or ``{target: names}`` to ring them per target.
+      panels: one panel per target (a grid with its own axes each), instead of every target in
+        one panel as the paper draws it. None: panels when more than ``PANELS_ABOVE`` targets
+        have points, where labelled points of one shared panel overlap.
+      notes: ``{target: text}`` added to the target's legend entry or panel title (e.g. its
+        Spearman rho).
 
     Returns:
-      ``{"path": str, "series": {target: {"n_points": int, "models": [...], "x": [...],
-      "y": [...], "fit": {"slope", "intercept"} | None}}}``.
+      ``{"path": str, "layout": "single" | "panels", "series": {target: {"n_points": int,
+      "models": [...], "x": [...], "y": [...], "fit": {"slope", "intercept"} | None,
+      "highlighted": [...], "panel": int}}}`` (``panel``: index of the target's axes, row-major).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    drawn = [t for t, pts in points.items() if _clean(pts)]
+    if panels is None:
+        panels = len(drawn) > PANELS_ABOVE
+    targets = list(points) if not panels else drawn
+    ncols = min(3, max(len(targets), 1)) if panels else 1
+    nrows = -(-max(len(targets), 1) // ncols) if panels else 1
+    size = (4.3 * ncols, 3.5 * nrows) if panels else (6.4, 4.8)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    flat = list(axes.ravel())
     colors = plt.get_cmap("tab10")
     series = {}
-    rings: list[Point] = []
     try:
-        for t, (target, pts) in enumerate(points.items()):
-            pts = _clean(pts)
+        for t, target in enumerate(points):
+            pts = _clean(points[target])
             color = colors(t % 10)
+            k = targets.index(target) if target in targets else None
+            ax = flat[k] if panels and k is not None else flat[0]
             if pts:
                 ax.scatter([p[1] for p in pts], [p[2] for p in pts], color=color, s=28,
-                           marker=_MARKERS[t % len(_MARKERS)], label=f"{target} (n={len(pts)})", zorder=3)
+                           marker=_MARKERS[t % len(_MARKERS)], label=_series_label(target, len(pts), notes),
+                           zorder=3)
                 if label_points:
                     _annotate(ax, pts, color)
             fit = _fit_line(ax, pts, color) if pts else None
             marked = set(highlight.get(target, ())) if isinstance(highlight, Mapping) else set(highlight)
             ringed = [p for p in pts if p[0] in marked]
-            rings += ringed
+            if ringed:
+                ax.scatter([p[1] for p in ringed], [p[2] for p in ringed], s=110, facecolors="none",
+                           edgecolors="red", linewidths=1.2, zorder=4, label="flagged: low or high foreground")
             series[target] = {"n_points": len(pts), "models": [p[0] for p in pts], "x": [p[1] for p in pts],
-                              "y": [p[2] for p in pts], "fit": fit, "highlighted": [p[0] for p in ringed]}
-        if rings:
-            ax.scatter([p[1] for p in rings], [p[2] for p in rings], s=110, facecolors="none", edgecolors="red",
-                       linewidths=1.2, zorder=4, label="flagged: low or high foreground")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        if title:
-            ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        if any(s["n_points"] for s in series.values()):
-            ax.legend(fontsize=8, loc="best", title="target", title_fontsize=8)
+                              "y": [p[2] for p in pts], "fit": fit, "highlighted": [p[0] for p in ringed],
+                              "panel": k if panels else 0}
+        for ax in flat[len(targets):] if panels else ():
+            ax.set_visible(False)
+        if panels:
+            for target, ax in zip(targets, flat):
+                ax.set_title(_series_label(target, series[target]["n_points"], notes), fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.tick_params(labelsize=8)
+                ax.margins(0.12)
+                if series[target]["highlighted"]:
+                    ax.legend(handles=ax.collections[-1:], fontsize=7, loc="best")
+            fig.supxlabel(xlabel)
+            fig.supylabel(ylabel)
+            if title:
+                fig.suptitle(title, fontsize=11)
+            fig.tight_layout()
+        else:
+            ax = flat[0]
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if title:
+                ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if any(s["n_points"] for s in series.values()):
+                handles, labels = ax.get_legend_handles_labels()
+                keep = {}
+                for h, lab in zip(handles, labels):  # one "flagged" entry however many targets have rings
+                    keep.setdefault(lab, h)
+                ax.legend(list(keep.values()), list(keep), fontsize=8, loc="best", title="target", title_fontsize=8)
         out = _save(fig, path)
     finally:
         plt.close(fig)
-    return {"path": str(out), "series": series}
+    return {"path": str(out), "layout": "panels" if panels else "single", "series": series}
 
 
 def strength_sweep(points: Mapping[str, Sequence[Point]], path: str | os.PathLike, *,

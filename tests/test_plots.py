@@ -97,3 +97,27 @@ def test_highlight_per_target(tmp_path):
     out = plots.score_vs_performance({"t1": pts, "t2": pts}, tmp_path / "h.png", xlabel="x", ylabel="y",
                                      highlight={"t2": ["b"]})
     assert out["series"]["t1"]["highlighted"] == [] and out["series"]["t2"]["highlighted"] == ["b"]
+
+
+def test_figure2_one_panel_per_target_when_many(tmp_path):
+    rng = np.random.default_rng(2)
+    pts = {f"t{i}": [(f"m{j}", float(rng.random()), float(rng.random())) for j in range(4)] for i in range(5)}
+    pts["empty"] = [("m0", None, 0.5)]
+    out = plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y", title="t",
+                                     highlight={"t3": ["m1"]}, notes={"t0": "S_rho 0.50"})
+    _check_png(tmp_path / "p.png")
+    assert out["layout"] == "panels"
+    # Each target with points has an axes of its own, in the given order; the empty one has none.
+    assert [out["series"][f"t{i}"]["panel"] for i in range(5)] == [0, 1, 2, 3, 4]
+    assert out["series"]["empty"]["panel"] is None and out["series"]["empty"]["n_points"] == 0
+    assert out["series"]["t3"]["highlighted"] == ["m1"]
+    for i in range(5):  # the same points and fits as in one panel
+        x, y = [p[1] for p in pts[f"t{i}"]], [p[2] for p in pts[f"t{i}"]]
+        assert out["series"][f"t{i}"]["x"] == x
+        assert out["series"][f"t{i}"]["fit"]["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    few = plots.score_vs_performance({k: pts[k] for k in ("t0", "t1")}, tmp_path / "s.png", xlabel="x", ylabel="y")
+    assert few["layout"] == "single" and {s["panel"] for s in few["series"].values()} == {0}
+    forced = plots.score_vs_performance(pts, tmp_path / "f.png", xlabel="x", ylabel="y", panels=False)
+    assert forced["layout"] == "single"
+    assert plots._series_label("t0", 4, {"t0": "S_rho 0.50"}) == "t0 (n=4, S_rho 0.50)"
+    assert plots._series_label("t1", 4, {"t0": "S_rho 0.50"}) == "t1 (n=4)"
