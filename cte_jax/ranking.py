@@ -263,8 +263,11 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
 
     Returns:
       One record per (model, perturbation, metric): ``{model, perturbation, metric, score, rank,
-      n_scored, n_skipped}``; rank 1 is the most consistent model of that (perturbation, metric).
-      ``score`` is None when no image could be scored.
+      n_scored, n_skipped, architecture}``, plus ``foreground_fraction``, ``low_foreground`` and
+      ``high_foreground`` when the model predicted on some image, and ``note`` for a black box
+      under a feature perturbation; rank 1 is the most consistent model of that (perturbation,
+      metric). ``score`` is None when no image could be scored; ``architecture`` (channels per
+      level, e.g. ``"16-32-64"``) is None for a black box.
     """
     from cte_jax import data, parallel, preprocess
     from cte_jax.results import ResultsStore, ScoreTable, model_fingerprint
