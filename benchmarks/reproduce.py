@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -514,6 +515,16 @@ def architecture_groups(facts: Sequence[dict[str, Any]]) -> list[tuple[str, list
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 
+def scored_candidates(run: dict, key: str, perf: str) -> dict[str, list[tuple[str, float, float]]]:
+    """Per target, (model, score of estimator ``key``, performance ``perf``) of every candidate
+    that has both."""
+    out = {}
+    for t, r in run["result"]["targets"].items():
+        rows = [(m["model"], m["scores"].get(key), run["performance"][perf][t].get(m["model"])) for m in r["models"]]
+        out[t] = [x for x in rows if x[1] is not None and x[2] is not None]
+    return out
+
+
 def rank_shifts(run: dict, key: str, perf: str) -> dict[str, list[float]]:
     """Per model, one value per target where it is a candidate with a score: its rank by the
     estimator ``key`` minus its rank by the performance ``perf`` (1 = best, ties averaged).
@@ -521,9 +532,7 @@ def rank_shifts(run: dict, key: str, perf: str) -> dict[str, list[float]]:
     from scipy.stats import rankdata
 
     out: dict[str, list[float]] = {}
-    for t, r in run["result"]["targets"].items():
-        rows = [(m["model"], m["scores"].get(key), run["performance"][perf][t].get(m["model"])) for m in r["models"]]
-        rows = [x for x in rows if x[1] is not None and x[2] is not None]
+    for rows in scored_candidates(run, key, perf).values():
         if len(rows) < 2:
             continue
         by_score = rankdata([-x[1] for x in rows])
@@ -587,22 +596,18 @@ def architecture_lines(runs: dict[str, dict], banks: Path, *, seed: int = 0) -> 
 GAP_BINS = ((0.0, 0.02), (0.02, 0.05), (0.05, 0.1), (0.1, math.inf))
 
 
-def pair_agreement(run: dict, key: str, perf: str, bins: Sequence[tuple[float, float]] = GAP_BINS,
-                   models: Sequence[str] | None = None) -> list[tuple[int, int]]:
+def pair_agreement(run: dict, key: str, perf: str, bins: Sequence[tuple[float, float]] = GAP_BINS
+                   ) -> list[tuple[int, int]]:
     """Per bin of |performance difference|: (pairs the estimator orders as the performance does,
     pairs), over every pair of candidates of every target. A tie in either is not agreement."""
     out = [[0, 0] for _ in bins]
-    for t, r in run["result"]["targets"].items():
-        rows = [(m["scores"].get(key), run["performance"][perf][t].get(m["model"])) for m in r["models"]
-                if models is None or m["model"] in models]
-        rows = [x for x in rows if x[0] is not None and x[1] is not None]
-        for i in range(len(rows)):
-            for j in range(i + 1, len(rows)):
-                gap = rows[i][1] - rows[j][1]
-                for b, (lo, hi) in enumerate(bins):
-                    if lo <= abs(gap) < hi:
-                        out[b][0] += int((rows[i][0] - rows[j][0]) * gap > 0)
-                        out[b][1] += 1
+    for rows in scored_candidates(run, key, perf).values():
+        for (_, s1, q1), (_, s2, q2) in itertools.combinations(rows, 2):
+            gap = q1 - q2
+            for b, (lo, hi) in enumerate(bins):
+                if lo <= abs(gap) < hi:
+                    out[b][0] += int((s1 - s2) * gap > 0)
+                    out[b][1] += 1
     return [tuple(x) for x in out]
 
 

@@ -193,4 +193,5 @@ def test_pair_agreement_counts_pairs_by_performance_gap():
                     {"t1": {"a": 0.81, "b": 0.80, "c": 0.50}, "t2": {"a": 0.7, "b": 0.64}})
     got = mod.pair_agreement(run, "nhd@dropout:0.1", "f1")
     assert got == [(1, 1), (0, 0), (0, 1), (1, 2)]
-    assert mod.pair_agreement(run, "nhd@dropout:0.1", "f1", models=["a", "c"]) == [(0, 0), (0, 0), (0, 0), (1, 1)]
+    only_ac = {**run, "result": {"targets": mod.restricted(run, ["a", "c"])}}
+    assert mod.pair_agreement(only_ac, "nhd@dropout:0.1", "f1") == [(0, 0), (0, 0), (0, 0), (1, 1)]
