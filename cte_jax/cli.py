@@ -86,8 +86,7 @@ def _architecture_note(records: list[dict]) -> list[str]:
     text = (f"note: bottleneck dropout is not equally strong for every architecture, and these models "
             f"have {len(counts)} (channels per level: {mix}). In our nuclei study CTE-NHD ranked a 4-level "
             f"model 1.5-3.7 places above its true place and a narrower, shorter-trained 3-level one 1.8-3.5 "
-            f"places below "
-            f"(benchmarks/RESULTS.md, 'By architecture'). Compare scores within one architecture, or check "
+            f"places below (benchmarks/RESULTS.md, 'By architecture'). Compare scores within one architecture, or check "
             f"the order with --metric ei, which that study found less affected.")
     return ["", *textwrap.wrap(text, 100)]
 

@@ -136,7 +136,7 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     flat = list(axes.ravel())
     colors = plt.get_cmap("tab10")
-    series = {}
+    series, rings = {}, {}
     try:
         for t, target in enumerate(points):
             pts = _clean(points[target])
@@ -153,8 +153,9 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
             marked = set(highlight.get(target, ())) if isinstance(highlight, Mapping) else set(highlight)
             ringed = [p for p in pts if p[0] in marked]
             if ringed:
-                ax.scatter([p[1] for p in ringed], [p[2] for p in ringed], s=110, facecolors="none",
-                           edgecolors="red", linewidths=1.2, zorder=4, label="flagged: low or high foreground")
+                rings[target] = ax.scatter([p[1] for p in ringed], [p[2] for p in ringed], s=110, facecolors="none",
+                                           edgecolors="red", linewidths=1.2, zorder=4,
+                                           label="flagged: low or high foreground")
             series[target] = {"n_points": len(pts), "models": [p[0] for p in pts], "x": [p[1] for p in pts],
                               "y": [p[2] for p in pts], "fit": fit, "highlighted": [p[0] for p in ringed],
                               "panel": k if panels else 0}
@@ -166,8 +167,8 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
                 ax.grid(alpha=0.3)
                 ax.tick_params(labelsize=8)
                 ax.margins(0.12)
-                if series[target]["highlighted"]:
-                    ax.legend(handles=ax.collections[-1:], fontsize=7, loc="best")
+                if target in rings:
+                    ax.legend(handles=[rings[target]], fontsize=7, loc="best")
             fig.supxlabel(xlabel)
             fig.supylabel(ylabel)
             if title:
