@@ -30,17 +30,20 @@ def _pyplot():
     return plt
 
 
+X_RESOLUTION = 1e-6  # relative spread of x below which no line is drawn (float32 has ~6e-8)
+
+
 def least_squares_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
     """``(slope, intercept)`` minimising ``sum (y - slope x - intercept)^2``; None with fewer
-    than two points or constant x (no unique line)."""
+    than two points or constant x (no unique line). x that differs only by rounding (0.1 + 0.2
+    against 0.3, a score stored once in float32 and once in float64) counts as constant: the
+    line through it would be a meaningless near-vertical stroke."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
-    if x.size < 2 or np.ptp(x) == 0:
+    if x.size < 2 or np.ptp(x) <= X_RESOLUTION * np.max(np.abs(x)):
         return None
     xm, ym = x.mean(), y.mean()
     sxx = np.sum((x - xm) ** 2)
-    if not sxx > 0:  # x differs only below floating-point resolution
-        return None
     slope = float(np.sum((x - xm) * (y - ym)) / sxx)
     return slope, float(ym - slope * xm)
 
