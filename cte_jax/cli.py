@@ -30,13 +30,14 @@ transfer. The median over images ranks the models, best first.
 
 Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
 confidence (mean probability over the predicted foreground) and entropy (1 - mean binary
-entropy). In our leave-one-domain-out nuclei study (benchmarks/RESULTS.md), Spearman against F1
-was 0.77 for CTE-EI, 0.73 for confidence, 0.69 for CTE-NHD and 0.57 for entropy, so compare
-them before you trust a close call.
+entropy). In our leave-one-domain-out nuclei study (benchmarks/RESULTS.md, models trained to
+convergence), Spearman against F1 was 0.65 for CTE-NHD, 0.64 for CTE-EI, 0.62 for confidence and
+0.45 for entropy; with models trained a third as long, CTE-EI (0.77) and confidence (0.73) were
+ahead of CTE-NHD (0.69). So compute --metric nhd ei and compare before you trust a close call.
 
-Bottleneck dropout perturbs models of different depth or width by different amounts: in that
-study CTE-NHD ranked a 4-level model above its true place on every target. When the bank mixes
-architectures, the table says so; compare within one architecture, or use --metric ei.
+Bottleneck dropout perturbs models of different depth, width or training length by different
+amounts: in that study CTE-NHD ranked a narrow 150-step model below its true place on every
+target. When the bank mixes architectures, the table says so; compare within one architecture.
 
 With no arguments, ranks the demo bank shipped with cte_jax on its demo target (DSB2018 nuclei).
 
@@ -84,10 +85,11 @@ def _architecture_note(records: list[dict]) -> list[str]:
         return []
     mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
     text = (f"note: bottleneck dropout is not equally strong for every architecture, and these models "
-            f"have {len(counts)} (channels per level: {mix}). In our nuclei study CTE-NHD ranked a 4-level "
-            f"model 1.5-3.7 places above its true place and a narrower, shorter-trained 3-level one 1.8-3.5 "
-            f"places below (benchmarks/RESULTS.md, 'By architecture'). Compare scores within one architecture, or check "
-            f"the order with --metric ei, which that study found less affected.")
+            f"have {len(counts)} (channels per level: {mix}). In our nuclei study CTE-NHD ranked a narrower, "
+            f"shorter-trained 3-level model 2.5 places below its true place on average, and, before the bank "
+            f"was trained to convergence, a 4-level model 1.5-3.7 places above it (benchmarks/RESULTS.md). "
+            f"Compare scores within one architecture and training length, or check the order with --metric ei, "
+            f"which moved those models less.")
     return ["", *textwrap.wrap(text, 100)]
 
 
