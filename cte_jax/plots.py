@@ -98,6 +98,7 @@ def _series_label(target: str, n: int, notes: Mapping[str, str] | None) -> str:
 
 
 PANELS_ABOVE = 3  # more targets than this: one panel per target (one shared panel is illegible)
+PANEL_XTICKS = 5  # at most this many x intervals per panel, so tick labels do not touch
 
 
 def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.PathLike, *,
@@ -129,6 +130,8 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
       "highlighted": [...], "panel": int}}}`` (``panel``: index of the target's axes, row-major).
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     drawn = [t for t, pts in points.items() if _clean(pts)]
     if panels is None:
         panels = len(drawn) > PANELS_ABOVE
@@ -169,6 +172,9 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
                 ax.set_title(_series_label(target, series[target]["n_points"], notes), fontsize=9)
                 ax.grid(alpha=0.3)
                 ax.tick_params(labelsize=8)
+                # A panel is ~4 inches wide: matplotlib's default of up to 9 ticks runs four-digit
+                # labels such as 0.9725 into each other.
+                ax.xaxis.set_major_locator(MaxNLocator(nbins=PANEL_XTICKS))
                 ax.margins(0.12)
                 if target in rings:
                     ax.legend(handles=[rings[target]], fontsize=7, loc="best")

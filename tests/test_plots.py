@@ -134,3 +134,31 @@ def test_figure2_one_panel_per_target_when_many(tmp_path):
     assert forced["layout"] == "single"
     assert plots._series_label("t0", 4, {"t0": "S_rho 0.50"}) == "t0 (n=4, S_rho 0.50)"
     assert plots._series_label("t1", 4, {"t0": "S_rho 0.50"}) == "t1 (n=4)"
+
+
+def test_figure2_panel_tick_labels_do_not_touch(tmp_path, monkeypatch):
+    # Scores of a nuclei target of our study span 0.974-0.991: with matplotlib's default locator a
+    # 4-inch panel got 9 four-digit x labels that ran into each other. Inspect the figure as saved.
+    seen = {}
+    save = plots._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            lo, hi = ax.get_xlim()
+            labels = [t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi and t.get_text()]
+            boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+            seen[ax.get_title()] = (len(labels), [b.x0 - a.x1 for a, b in zip(boxes, boxes[1:])])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    x = [0.9743, 0.9745, 0.9788, 0.9793, 0.9828, 0.9853, 0.9875, 0.9905, 0.9741]
+    pts = {f"t{i}": [(f"m{j}", v, 0.7 + 0.01 * j) for j, v in enumerate(x)] for i in range(4)}
+    plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y")
+    assert len(seen) == 4
+    for n, gaps in seen.values():
+        assert 2 <= n <= 6
+        assert min(gaps) > 0  # pixels between neighbouring labels
