@@ -44,6 +44,8 @@ def least_squares_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, f
         return None
     xm, ym = x.mean(), y.mean()
     sxx = np.sum((x - xm) ** 2)
+    if not sxx > 0:  # NaN in x
+        return None
     slope = float(np.sum((x - xm) * (y - ym)) / sxx)
     return slope, float(ym - slope * xm)
 

@@ -44,6 +44,7 @@ def test_least_squares_line_matches_polyfit(xy):
 def test_least_squares_line_undefined():
     assert plots.least_squares_line([1.0], [2.0]) is None
     assert plots.least_squares_line([1.0, 1.0, 1.0], [0.0, 1.0, 2.0]) is None
+    assert plots.least_squares_line([1.0, float("nan"), 2.0], [0.0, 1.0, 2.0]) is None
 
 
 def test_least_squares_line_ignores_rounding_differences():
