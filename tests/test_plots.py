@@ -139,7 +139,7 @@ def test_figure2_one_panel_per_target_when_many(tmp_path):
 
 def test_figure2_panel_tick_labels_do_not_touch(tmp_path, monkeypatch):
     # Scores of a nuclei target of our study span 0.974-0.991: with matplotlib's default locator a
-    # 4-inch panel got 9 four-digit x labels that ran into each other. Inspect the figure as saved.
+    # 4-inch panel got 8 four-digit x labels that ran into each other. Inspect the figure as saved.
     seen = {}
     save = plots._save
 
