@@ -131,6 +131,16 @@ class ScoreTable:
         v = self.valid[model, pert, metric, :n]
         return self.scores[model, pert, metric, :n][d & v], int(np.sum(d & ~v))
 
+    def paired(self, model_a: int, model_b: int, pert: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of two models on the units valid for both, in unit-name order (so that what is
+        drawn from them does not depend on the order the units were scored in)."""
+        n = self.n_units
+        both = (self.done[model_a, pert, :n] & self.valid[model_a, pert, metric, :n]
+                & self.done[model_b, pert, :n] & self.valid[model_b, pert, metric, :n])
+        cols = np.nonzero(both)[0]
+        cols = cols[np.argsort([self.unit_names[c] for c in cols], kind="stable")]
+        return self.scores[model_a, pert, metric, cols], self.scores[model_b, pert, metric, cols]
+
     def foreground(self, model: int) -> np.ndarray:
         n = self.n_units
         return self.fg[model, :n][self.fg_done[model, :n]]

@@ -1,5 +1,7 @@
 """The command line: one-line errors with exit code 2 and no partial files; outputs on success."""
 
+import csv
+import io
 import json
 
 import jax
@@ -45,6 +47,12 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert {r["model"] for r in recs} == {"m0", "m1"} and {r["rank"] for r in recs} == {1, 2}
     assert "m0" in out and "CTE-NHD under dropout:0.1" in out and "baseline" not in out
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,perturbation,metric,score,rank")
+    # The first model's share of resamples above the second is printed beside its score, and written.
+    first = next(r for r in recs if r["rank"] == 1)
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["1", first["model"]])
+    assert row.split()[3] == f"{first['order_support']:.2f}" and "vs next" in out
+    assert next(r for r in recs if r["rank"] == 2)["order_support"] is None
+    assert "order_support" in (tmp_path / "r.csv").read_text().splitlines()[0]
 
 
 def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
@@ -68,7 +76,7 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
     block = out.split("baseline: 1 - mean entropy")[1].split("baseline:")[0].splitlines()[2:4]
     printed = [float(line.split()[2]) for line in block]
     assert printed == sorted(printed, reverse=True)
-    assert "or baseline score" in out.splitlines()[-1]
+    assert "or baseline score" in next(line for line in out.splitlines() if line.startswith("score:"))
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -164,9 +172,8 @@ def test_rank_notes_mixed_architectures_under_feature_perturbations(setup, capsy
     assert out.count("not equally strong") == 1
     assert "4-8-16 (2), 4-8-16-32 (1)" in " ".join(out.split())
     assert out.index("not equally strong") > out.index("CTE-EI under dropout:0.1")
-    rows = (tmp_path / "r.csv").read_text().splitlines()
-    assert rows[0].endswith(",architecture")
-    assert sorted({r.rsplit(",", 1)[1] for r in rows[1:]}) == ["4-8-16", "4-8-16-32"]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
+    assert sorted({r["architecture"] for r in rows}) == ["4-8-16", "4-8-16-32"]
     # Input perturbations alone: the bottleneck is not perturbed, no note.
     code, out, err = _run(capsys, "rank", "--bank", bank, "--target", setup / "target", "--quiet",
                           "--perturbation", "noise:0.05")

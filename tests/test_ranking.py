@@ -15,7 +15,7 @@ from cte_jax.modelio import Model, save_model
 from cte_jax.networks import UNet, init_variables
 from cte_jax.perturbations import parse_perturbation
 from cte_jax.preprocess import Normalization, normalize
-from cte_jax.ranking import rank
+from cte_jax.ranking import order_support, rank
 
 NORM = Normalization(kind="percentile", lo=5, hi=98).to_dict()
 SPEC = UNetSpec(features=(4, 8, 16), layer_order="cr")
@@ -193,6 +193,28 @@ def test_ranks_and_records(target, tmp_path):
     assert [r["score"] for r in recs] == sorted((r["score"] for r in recs), reverse=True)
     assert set(recs[0]) >= {"model", "perturbation", "metric", "score", "rank", "n_scored", "n_skipped"}
     assert all(r["n_scored"] + r["n_skipped"] == 5 for r in recs)
+
+
+def test_order_support_is_the_bootstrap_of_each_model_against_the_next(target):
+    # Per-unit scores as the engine hands them out (on_scores), paired by unit name here.
+    seen = {}
+
+    def keep(model, pert, metric, names, scores, valid):
+        for n, s, ok in zip(names, np.asarray(scores), np.asarray(valid)):
+            if ok:
+                seen.setdefault((model, pert, metric), {})[n] = float(s)
+
+    recs = rank(_models(3), target, perturbations=["dropout:0.3"], metrics=["nhd", "ei"], progress=False,
+                on_scores=keep, seed=3)
+    for metric in ("nhd", "ei"):
+        rs = sorted((r for r in recs if r["metric"] == metric), key=lambda r: r["rank"])
+        assert rs[-1]["order_support"] is None
+        for upper, lower in zip(rs, rs[1:]):
+            a, b = seen[(upper["model"], "dropout:0.3", metric)], seen[(lower["model"], "dropout:0.3", metric)]
+            units = sorted(set(a) & set(b))
+            want = order_support(np.array([a[u] for u in units], np.float32), np.array([b[u] for u in units], np.float32),
+                                 seed=3)
+            assert upper["order_support"] == pytest.approx(want)
 
 
 def test_near_empty_model_is_flagged(target):

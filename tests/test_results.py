@@ -103,6 +103,31 @@ def test_table_keeps_first_value_of_every_entry(seed):
                 assert skipped == sum(not ok for _, ok in want)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_paired_scores_are_the_units_valid_for_both_in_name_order(seed):
+    rng = np.random.default_rng(seed)
+    blocks = _random_blocks(rng)
+    scores, _ = _oracle(blocks)
+    t, flipped = ScoreTable(["a", "b", "c"], ["p", "q"], ["nhd", "ei"]), ScoreTable(["a", "b", "c"], ["p", "q"], ["nhd", "ei"])
+    for block in blocks:
+        t.add(*block)
+    # The same entries, entered unit by unit in the reverse order of t's columns.
+    for c in reversed(range(t.n_units)):
+        for mi, pi in zip(*np.nonzero(t.done[:, :, c])):
+            flipped.add([mi], [pi], [t.unit_names[c]], [t.unit_images[c]], t.scores[mi, pi, :, c].reshape(1, 1, -1, 1),
+                        t.valid[mi, pi, :, c].reshape(1, 1, -1, 1), None)
+    assert flipped.unit_names != t.unit_names
+    for ma, mb, pi, k in [(0, 1, 0, 0), (1, 2, 1, 1), (2, 0, 0, 1)]:
+        names = sorted(u for (m_, p_, u) in scores if (m_, p_) == (ma, pi) and (mb, pi, u) in scores
+                       and scores[(ma, pi, u)][k][1] and scores[(mb, pi, u)][k][1])
+        a, b = t.paired(ma, mb, pi, k)
+        assert a.tolist() == [scores[(ma, pi, u)][k][0] for u in names]
+        assert b.tolist() == [scores[(mb, pi, u)][k][0] for u in names]
+        # Same units, same order, whatever order the units entered the table in.
+        fa, fb = flipped.paired(ma, mb, pi, k)
+        assert fa.tolist() == a.tolist() and fb.tolist() == b.tolist()
+
+
 def test_table_missing_and_complete_units():
     t = ScoreTable(["a", "b"], ["p", "q"], ["nhd"])
     one = np.ones((1, 1, 1, 2), np.float32)
