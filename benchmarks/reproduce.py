@@ -399,18 +399,28 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
 
 def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, seed: int = 0, split: str = "test",
               n_permutations: int = 1000) -> dict[str, Any]:
+    """CTE-NHD under every bottleneck-dropout rate of SWEEP on one target domain, or on every target
+    of the task (``domain == "all"``, leave-one-domain-out as the main study), against F1."""
     from cte_jax import evaluate as E
     from cte_jax.modelio import load_bank
 
     models = load_bank(banks / task)
-    tdir = work / "targets" / task / domain
-    prepare_target(shared / "data" / task / domain, tdir, max_units=max_units, whole_max=whole_max, split=split)
+    domains = TASKS[task]["domains"] if domain == "all" else [domain]
+    targets, n_units = [], {}
+    for dom in domains:
+        tdir = work / "targets" / task / dom
+        n_units[dom] = prepare_target(shared / "data" / task / dom, tdir, max_units=max_units, whole_max=whole_max,
+                                      split=split)["n_units"]
+        targets.append(E.LabelledTarget(name=dom, path=tdir / "images", labels=tdir / "labels",
+                                        exclude=_trained_on(dom)))
     t0 = time.perf_counter()
-    r = E.evaluate(models, tdir / "images", labels=tdir / "labels", name=domain, exclude=_trained_on(domain),
-                   perturbations=list(SWEEP), metrics=["nhd"], baselines=(), out_dir=work / "sweep" / task,
-                   seed=seed, n_permutations=n_permutations)
-    r["seconds"] = time.perf_counter() - t0
-    return r
+    res = E.evaluate_targets(models, targets, perturbations=list(SWEEP), metrics=["nhd"], baselines=(),
+                             performance="f1", out_dir=work / "sweep" / task, seed=seed,
+                             n_permutations=n_permutations)
+    perf = {t: {m["model"]: m["performance"] for m in r["models"]} for t, r in res["targets"].items()}
+    return {"task": task, "target": domain, "n_units": n_units,
+            "summary": summarise(res["targets"], perf, seed=seed, n_permutations=n_permutations),
+            "seconds": time.perf_counter() - t0}
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -648,9 +658,29 @@ def copy_figures(runs: dict[str, dict], sweep: dict | None, work: Path, figures:
         for t in PER_TARGET_FIGURES:
             put(root / t / "fig2_nhd_dropout_0.1.png", f"fig2_{task}_{t}_nhd_dropout_0.1.png")
     if sweep is not None:
-        for png in sorted((work / "sweep").rglob("fig3_*.png")):
-            put(png, f"fig3_{png.parent.name}_{sweep['target']}_{png.stem.replace('fig3_', '')}.png")
+        task = sweep["task"]
+        for t in sweep["n_units"]:
+            put(work / "sweep" / task / t / "fig3_nhd.png", f"fig3_{task}_{t}_nhd.png")
     return out
+
+
+def sweep_lines(sweep: dict) -> list[str]:
+    """The Figure 3 section: per dropout rate, the statistics' means over the sweep's targets and
+    S_rho per target."""
+    L: list[str] = []
+    doms = list(sweep["n_units"])
+    where = (f"target {doms[0]} ({sweep['n_units'][doms[0]]} units)" if len(doms) == 1 else
+             f"{len(doms)} leave-one-domain-out {sweep['task']} targets ({sum(sweep['n_units'].values())} units)")
+    L += ["## Dropout-strength sweep (Figure 3 style)", "",
+          f"CTE-NHD against F1 per bottleneck-dropout rate, on {where} ({sweep['seconds']:.0f} s). "
+          "K_tau / S_rho / P_r are means over targets (± std), then S_rho per target:", "",
+          "| rate | K_tau / S_rho / P_r | " + " | ".join(doms) + " |", "|---|---|" + "---|" * len(doms)]
+    for k, e in sweep["summary"].items():
+        p = e["paper"]
+        per = [p["per_target"].get(d, {}).get("spearman_rho") for d in doms]
+        L.append(f"| {k.split(':')[-1]} | {_cell(p)} | " + " | ".join(_fmt(x) for x in per) + " |")
+    L.append("")
+    return L
 
 
 def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[Path], args, command: str,
@@ -719,14 +749,7 @@ def write_results(path: Path, *, runs: dict, sweep: dict | None, figs: Sequence[
           "a model predicting far MORE foreground than the other candidates (see the discussion). "
           "Medians are over the target's candidate models. Means over targets:", ""] + failure_lines(runs) + [""]
     if sweep is not None:
-        L += ["## Dropout-strength sweep (Figure 3 style)", "",
-              f"Target {sweep['target']} ({sweep['n_images']} units), CTE-NHD vs F1 per rate "
-              f"({sweep['seconds']:.0f} s):", "", "| rate | K_tau | S_rho | P_r |", "|---|---|---|---|"]
-        for k, e in sweep["estimators"].items():
-            p = e["paper"]
-            L.append(f"| {k.split(':')[-1]} | {_fmt(p.get('kendall_tau'))} | {_fmt(p.get('spearman_rho'))} | "
-                     f"{_fmt(p.get('pearson_r'))} |")
-        L.append("")
+        L += sweep_lines(sweep)
     L += ["## Figures", ""]
     for f in figs:
         rel = os.path.relpath(f, path.parent)
@@ -762,8 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/cte_reproduce", help="tiles and evaluate() outputs (outside the repo)")
     ap.add_argument("--out", default=str(REPO / "benchmarks"),
                     help="folder for RESULTS.md and figures/ (default: benchmarks/)")
-    ap.add_argument("--sweep", default="nuclei/dsb2018_fluo_256",
-                    help="TASK/DOMAIN of the dropout sweep (default: the largest fluorescence nuclei domain), or none")
+    ap.add_argument("--sweep", default="nuclei/all",
+                    help="TASK/DOMAIN of the dropout sweep, TASK/all for every target of the task (default: "
+                         "nuclei/all), or none")
     ap.add_argument("--notes", default=None, help="markdown appended to RESULTS.md (discussion)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--permutations", type=int, default=1000)
@@ -812,6 +836,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = work / "sweep.json"
             if args.from_saved and saved.is_file():
                 sweep = json.loads(saved.read_text())
+                if "summary" not in sweep:
+                    print(f"reproduce.py: {saved} is from an older version (one target, no summary); "
+                          "rerun without --from-saved or with --sweep none", file=sys.stderr)
+                    return 2
             else:
                 st, sd = args.sweep.split("/")
                 sweep = run_sweep(st, sd, shared=shared, banks=banks, work=work, max_units=args.max_units, split=args.split,

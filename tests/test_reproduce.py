@@ -195,3 +195,27 @@ def test_pair_agreement_counts_pairs_by_performance_gap():
     assert got == [(1, 1), (0, 0), (0, 1), (1, 2)]
     only_ac = {**run, "result": {"targets": mod.restricted(run, ["a", "c"])}}
     assert mod.pair_agreement(only_ac, "nhd@dropout:0.1", "f1") == [(0, 0), (0, 0), (0, 0), (1, 1)]
+
+
+def test_sweep_table_gives_each_targets_spearman_and_their_mean():
+    from scipy import stats
+
+    mod = _module()
+    rng = np.random.default_rng(2)
+    models = [f"m{i}" for i in range(6)]
+    perf = {t: {m: float(rng.random()) for m in models} for t in ("a", "b", "c")}
+    results = {}
+    for t in perf:
+        rows = [{"model": m, "scores": {k: float(rng.random()) for k in ("nhd@dropout:0.05", "nhd@dropout:0.5")},
+                 "low_foreground": False, "high_foreground": False} for m in models]
+        results[t] = {"models": rows, "estimators": {k: {"corrected": None} for k in rows[0]["scores"]}}
+    sweep = {"task": "nuclei", "target": "all", "n_units": {"a": 3, "b": 4, "c": 5}, "seconds": 1.0,
+             "summary": mod.summarise(results, perf, n_permutations=10)}
+    lines = mod.sweep_lines(sweep)
+    assert "3 leave-one-domain-out nuclei targets (12 units)" in lines[2]
+    for rate, key in (("0.05", "nhd@dropout:0.05"), ("0.5", "nhd@dropout:0.5")):
+        cells = next(line for line in lines if line.startswith(f"| {rate} |")).strip("|").split("|")
+        rhos = [stats.spearmanr([r["scores"][key] for r in results[t]["models"]], [perf[t][m] for m in models]).statistic
+                for t in ("a", "b", "c")]
+        assert [c.strip() for c in cells[2:]] == [f"{r:.2f}" for r in rhos]
+        assert cells[1].split("/")[1].strip().startswith(f"{np.mean(rhos):.2f}±")
