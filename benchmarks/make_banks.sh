@@ -19,9 +19,10 @@
 #   nuclei       fluorescence sources only, as the paper's nuclei study: features 16,32,64, patch 96,
 #                batch 8, 3000 steps (about 9 min per model alone on 2 cores), percentile:5,98
 #                normalisation, task foreground; one model per fluorescence source domain plus
-#                depth / length / augmentation variants. 3000 steps, not 1000, because the paper
-#                trains "until convergence": at 1000 steps validation loss was still falling on
-#                every source and validation F1 still rising on three (coelho2009_nih3t3 0.78 -> 0.86).
+#                depth / width / augmentation variants, every one trained for the same 3000 steps.
+#                3000 steps, not 1000, because the paper trains "until convergence": at 1000 steps
+#                validation loss was still falling on every source and validation F1 still rising
+#                on three (coelho2009_nih3t3 0.78 -> 0.86).
 #   nuclei_cross_modality  the stained-tissue (RGB -> luminance grey) and brightfield models of the
 #                first bank (features 8,16,32, patch 64, 80-200 steps): dark nuclei on a light
 #                background, the contrast-inversion failure mode on fluorescence targets.
@@ -66,7 +67,7 @@ nuclei stage1_test nuclei/dsb2018_stage1_test $NUC --steps 3000 --eval-every 500
 nuclei coelho_u2os nuclei/coelho2009_u2os $NUC --steps 3000 --eval-every 500 --seed 8
 nuclei coelho_nih3t3 nuclei/coelho2009_nih3t3 $NUC --steps 3000 --eval-every 500 --seed 9
 nuclei fluo256_deep nuclei/dsb2018_fluo_256 --features 16,32,64,128 --patch-size 96 --normalization percentile:5,98 --task foreground --steps 3000 --eval-every 500 --seed 11
-nuclei fluo360_narrow_short nuclei/dsb2018_fluo_360 --features 8,16,32 --patch-size 96 --normalization percentile:5,98 --task foreground --steps 150 --eval-every 150 --seed 12
+nuclei fluo360_narrow nuclei/dsb2018_fluo_360 --features 8,16,32 --patch-size 96 --normalization percentile:5,98 --task foreground --steps 3000 --eval-every 500 --seed 12
 nuclei fluo_u2os520_noaug nuclei/dsb2018_fluo_u2os_520 $NUC --steps 3000 --eval-every 500 --no-augment --seed 13
 nuclei_cross_modality tissue_rgb nuclei/dsb2018_tissue_rgb $NUC_OLD --steps 200 --eval-every 100 --seed 5
 nuclei_cross_modality brightfield nuclei/dsb2018_brightfield_1024 $NUC_OLD --steps 200 --eval-every 100 --seed 6

@@ -31,13 +31,16 @@ transfer. The median over images ranks the models, best first.
 Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
 confidence (mean probability over the predicted foreground) and entropy (1 - mean binary
 entropy). In our leave-one-domain-out nuclei study (benchmarks/RESULTS.md, models trained to
-convergence), Spearman against F1 was 0.65 for CTE-NHD, 0.64 for CTE-EI, 0.62 for confidence and
-0.45 for entropy; with models trained a third as long, CTE-EI (0.77) and confidence (0.73) were
+convergence), Spearman against F1 was 0.66 for CTE-NHD, 0.67 for CTE-EI, 0.64 for confidence and
+0.46 for entropy; with models trained a third as long, CTE-EI (0.77) and confidence (0.73) were
 ahead of CTE-NHD (0.69). So compute --metric nhd ei and compare before you trust a close call.
+The "vs next" column says which calls are close: below 0.95, another draw of target images
+could well swap a model and the next one down.
 
-Bottleneck dropout perturbs models of different depth, width or training length by different
-amounts: in that study CTE-NHD ranked a narrow 150-step model below its true place on every
-target. When the bank mixes architectures, the table says so; compare within one architecture.
+Bottleneck dropout perturbs models of different depth or width by different amounts: in that
+study CTE-NHD ranked a narrow (8-16-32) model 2.2 places below its true place on average, though
+it was trained as long as the others. When the bank mixes architectures, the table says so;
+compare within one architecture.
 
 With no arguments, ranks the demo bank shipped with cte_jax on its demo target (DSB2018 nuclei).
 
@@ -85,11 +88,11 @@ def _architecture_note(records: list[dict]) -> list[str]:
         return []
     mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
     text = (f"note: bottleneck dropout is not equally strong for every architecture, and these models "
-            f"have {len(counts)} (channels per level: {mix}). In our nuclei study CTE-NHD ranked a narrower, "
-            f"shorter-trained 3-level model 2.5 places below its true place on average, and, before the bank "
-            f"was trained to convergence, a 4-level model 1.5-3.7 places above it (benchmarks/RESULTS.md). "
-            f"Compare scores within one architecture and training length, or check the order with --metric ei, "
-            f"which moved those models less.")
+            f"have {len(counts)} (channels per level: {mix}). In our nuclei study, with every model trained "
+            f"to convergence, CTE-NHD ranked a narrower 3-level model 2.2 places below its true place on "
+            f"average and a 4-level model 1.3 places above it (benchmarks/RESULTS.md). Compare scores within "
+            f"one architecture and training length, or check the order with --metric ei, which moved those "
+            f"models less.")
     return ["", *textwrap.wrap(text, 100)]
 
 
