@@ -98,7 +98,7 @@ def _architecture_note(records: list[dict]) -> list[str]:
 
 def _table(records: list[dict]) -> str:
     from cte_jax.perturbations import parse_perturbation
-    from cte_jax.ranking import ORDER_RESAMPLES, ORDER_SURE
+    from cte_jax.ranking import ORDER_MIN_RESAMPLES, ORDER_RESAMPLES, ORDER_SURE
 
     lines, arch_note = [], []
     keys = []
@@ -139,8 +139,8 @@ def _table(records: list[dict]) -> str:
     lines.append(f"\nscore: median per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")
     lines += textwrap.wrap(
-        f"vs next: share of {ORDER_RESAMPLES} resamples of the target's images in which the model still scores "
-        f"above the next one down. Below {ORDER_SURE} the two are a close call: in our nuclei study such "
+        f"vs next: share of {ORDER_RESAMPLES} resamples of the target's images (at least {ORDER_MIN_RESAMPLES} "
+        f"on very large targets) in which the model still scores above the next one down. Below {ORDER_SURE} the two are a close call: in our nuclei study such "
         f"neighbours were in the order of their true performance only about half the time.", 100)
     return "\n".join(lines).lstrip("\n")
 

@@ -27,8 +27,10 @@ LOW_FOREGROUND_RATIO = 0.2  # flag models whose median foreground fraction is be
 HIGH_FOREGROUND_RATIO, HIGH_FOREGROUND_MIN = 2.0, 0.5
 # Resamples of the target's images behind each model's "order support" (the share of resamples in
 # which it still scores above the next model down); at 1000 the share's own noise is below 0.01
-# near 0.95.
-ORDER_RESAMPLES = 1000
+# near 0.95. On very large targets fewer, so that a pair costs at most ORDER_MAX_DRAWS unit draws
+# (about a second on one CPU core), but never fewer than ORDER_MIN_RESAMPLES (noise below 0.02).
+ORDER_RESAMPLES, ORDER_MIN_RESAMPLES, ORDER_MAX_DRAWS = 1000, 200, 20_000_000
+_CHUNK_DRAWS = 4_000_000  # unit draws held in memory at once (~16 MB of indices, as much per model)
 ORDER_SURE = 0.95  # below it, `rank` calls a model and the next one down a close call
 
 
@@ -418,22 +420,24 @@ def order_support(a: np.ndarray, b: np.ndarray, *, aggregate: str = "median", n_
     Args:
       a, b: (n,) scores of the two models on the same n units, in the same order.
       aggregate: ``median`` or ``mean``, as the ranking's score.
-      n_resamples: bootstrap resamples (units drawn with replacement, the same draw for both).
+      n_resamples: bootstrap resamples (units drawn with replacement, the same draw for both);
+        beyond ``ORDER_MAX_DRAWS / n`` units only that many, and at least ``ORDER_MIN_RESAMPLES``.
       seed: seeds the draws; ``order_support(a, b) + order_support(b, a) == 1`` for one seed.
 
     Returns:
       The share in [0, 1], or None with no units.
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     n = a.shape[0]
     if n == 0:
         return None
+    n_resamples = min(n_resamples, max(ORDER_MIN_RESAMPLES, ORDER_MAX_DRAWS // n))
     agg = np.median if aggregate == "median" else np.mean
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_resamples, 4_000_000 // n))  # draws held at once: at most ~32 MB per model
+    chunk = max(1, min(n_resamples, _CHUNK_DRAWS // n))
     wins = 0.0
     for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n), dtype=np.int64 if n >= 2**31 else np.int32)
         sa, sb = agg(a[idx], axis=1), agg(b[idx], axis=1)
         wins += np.count_nonzero(sa > sb) + 0.5 * np.count_nonzero(sa == sb)
     return wins / n_resamples

@@ -42,10 +42,26 @@ def test_shares_of_the_two_orders_add_to_one_and_clear_cases():
 
 
 def test_chunking_does_not_change_the_share(monkeypatch):
-    # Many units force draws in several chunks; the share must equal one drawn all at once.
+    # Draws held in memory in many small chunks or all at once: the same share.
+    from cte_jax import ranking
+
     rng = np.random.default_rng(0)
-    a, b = rng.random(50_000), rng.random(50_000)
-    chunked = order_support(a, b, n_resamples=200, seed=4)
-    idx = np.random.default_rng(4).integers(0, a.size, size=(200, a.size))
-    sa, sb = np.median(a[idx], axis=1), np.median(b[idx], axis=1)
-    assert chunked == pytest.approx(np.mean(sa > sb) + 0.5 * np.mean(sa == sb))
+    a, b = rng.random(500), rng.random(500) + 0.02
+    whole = order_support(a, b, n_resamples=300, seed=4)
+    monkeypatch.setattr(ranking, "_CHUNK_DRAWS", 7 * 500 + 3)  # chunks of 7 resamples, the last of 6
+    assert order_support(a, b, n_resamples=300, seed=4) == whole
+
+
+def test_large_targets_draw_fewer_resamples(monkeypatch):
+    from cte_jax import ranking
+
+    rng = np.random.default_rng(1)
+    a, b = rng.random(1000), rng.random(1000) + 0.01
+    want = {k: order_support(a, b, n_resamples=k, seed=2) for k in (300, ranking.ORDER_MIN_RESAMPLES)}
+    assert want[300] != order_support(a, b, n_resamples=1000, seed=2)
+    # A budget of 300 resamples of 1000 units: the first 300 of the same draws.
+    monkeypatch.setattr(ranking, "ORDER_MAX_DRAWS", 1000 * 300)
+    assert order_support(a, b, n_resamples=1000, seed=2) == want[300]
+    # However large the target, never fewer than ORDER_MIN_RESAMPLES.
+    monkeypatch.setattr(ranking, "ORDER_MAX_DRAWS", 10)
+    assert order_support(a, b, n_resamples=1000, seed=2) == want[ranking.ORDER_MIN_RESAMPLES]
