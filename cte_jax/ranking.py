@@ -274,7 +274,9 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
       ``high_foreground`` when the model predicted on some image, and ``note`` for a black box
       under a feature perturbation; rank 1 is the most consistent model of that (perturbation,
       metric). ``score`` is None when no image could be scored; ``architecture`` (channels per
-      level, e.g. ``"16-32-64"``) is None for a black box.
+      level, e.g. ``"16-32-64"``) is None for a black box. ``order_support``: how firmly the
+      target's images put the model above the next one down (:func:`order_support`, seeded by
+      ``seed``); None for the last-ranked or an unscored model.
     """
     from cte_jax import data, parallel, preprocess
     from cte_jax.results import ResultsStore, ScoreTable, model_fingerprint
