@@ -96,7 +96,7 @@ def _architecture_note(records: list[dict]) -> list[str]:
     return ["", *textwrap.wrap(text, 100)]
 
 
-def _table(records: list[dict]) -> str:
+def _table(records: list[dict], aggregate: str = "median") -> str:
     from cte_jax.perturbations import parse_perturbation
     from cte_jax.ranking import ORDER_MIN_RESAMPLES, ORDER_RESAMPLES, ORDER_SURE
 
@@ -136,7 +136,7 @@ def _table(records: list[dict]) -> str:
             arch_note = _architecture_note(rs)
     lines += arch_note
     baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
-    lines.append(f"\nscore: median per-image consistency (1 = perfectly consistent){baseline}; fg: median "
+    lines.append(f"\nscore: {aggregate} per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")
     lines += textwrap.wrap(
         f"vs next: share of {ORDER_RESAMPLES} resamples of the target's images (at least {ORDER_MIN_RESAMPLES} "
@@ -204,7 +204,7 @@ def cmd_rank(args) -> int:
                    shard=args.shard)
     if process != 0:  # process 0 prints and writes the gathered result
         return 0
-    print(_table(records))
+    print(_table(records, args.aggregate))
     if args.json:
         _write_json(records, args.json)
     if args.csv:

@@ -77,6 +77,11 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
     printed = [float(line.split()[2]) for line in block]
     assert printed == sorted(printed, reverse=True)
     assert "or baseline score" in next(line for line in out.splitlines() if line.startswith("score:"))
+    assert out.count("score: median per-image") == 1
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet",
+                          "--aggregate", "mean")
+    assert code == 0, err
+    assert "score: mean per-image consistency" in out and "score: median" not in out
 
 
 @pytest.mark.parametrize("args,expect", [
