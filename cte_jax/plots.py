@@ -76,13 +76,56 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def _annotate(ax, pts: Sequence[Point], color) -> None:
-    # Alternate label offsets so that names of nearby points overlap less.
-    offsets = ((5, 4), (5, -10), (-5, 4), (-5, -10))
-    for k, (name, s, q) in enumerate(sorted(pts, key=lambda p: (p[1], p[2]))):
-        dx, dy = offsets[k % len(offsets)]
-        ax.annotate(name, (s, q), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color,
-                    ha="left" if dx > 0 else "right")
+# Where a point's name may go, in points from the point (nearest first): right, left, above,
+# below, then the diagonals, then twice as far. place_labels takes the first free one.
+LABEL_OFFSETS = tuple((dx * f, dy * f) for f in (1, 2.2) for dx, dy in
+                      ((5, -3), (-5, -3), (0, 6), (0, -12), (5, 5), (-5, 5), (5, -11), (-5, -11)))
+
+
+def _annotate(ax, pts: Sequence[Point], color) -> list:
+    """Name every point (placed for now to its right; :func:`place_labels` moves them apart)."""
+    return [ax.annotate(name, (s, q), xytext=LABEL_OFFSETS[0], textcoords="offset points", fontsize=7, color=color,
+                        ha="left") for name, s, q in sorted(pts, key=lambda p: (p[1], p[2]))]
+
+
+def place_labels(fig, labels) -> None:
+    """Move point labels so that they overlap neither each other, nor any point, nor the axes edge.
+
+    Greedy, in display space, once the layout is final: each label (in the order given) takes the
+    first offset of ``LABEL_OFFSETS`` whose text box is inside its axes and clear of every point
+    and of the labels already placed; where none is, the one overlapping least.
+    """
+    if not labels:
+        return
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    points = [ann.axes.transData.transform(ann.xy) for ann in labels]
+    pad = 3.0  # display pixels kept around a marker
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    placed: list[tuple[float, float, float, float]] = []
+    for ann in labels:
+        frame = ann.axes.get_window_extent(renderer)
+        best = None
+        for dx, dy in LABEL_OFFSETS:
+            ann.set_position((dx, dy))
+            ann.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+            e = ann.get_window_extent(renderer)
+            box = (e.x0, e.y0, e.x1, e.y1)
+            outside = (e.width * e.height) - overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+            cost = outside + sum(overlap(box, o) for o in placed) + sum(
+                overlap(box, (x - pad, y - pad, x + pad, y + pad)) for x, y in points)
+            if best is None or cost < best[0]:
+                best = (cost, (dx, dy), ann.get_horizontalalignment(), box)
+            if cost == 0:
+                break
+        ann.set_position(best[1])
+        ann.set_horizontalalignment(best[2])
+        placed.append(best[3])
 
 
 def _fit_line(ax, pts: Sequence[Point], color, style="-") -> dict | None:
@@ -144,7 +187,7 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     flat = list(axes.ravel())
     colors = plt.get_cmap("tab10")
-    series, rings = {}, {}
+    series, rings, names = {}, {}, []
     try:
         for t, target in enumerate(points):
             pts = _clean(points[target])
@@ -156,7 +199,7 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
                            marker=_MARKERS[t % len(_MARKERS)], label=_series_label(target, len(pts), notes),
                            zorder=3)
                 if label_points:
-                    _annotate(ax, pts, color)
+                    names += _annotate(ax, pts, color)
             fit = _fit_line(ax, pts, color) if pts else None
             marked = set(highlight.get(target, ())) if isinstance(highlight, Mapping) else set(highlight)
             ringed = [p for p in pts if p[0] in marked]
@@ -198,6 +241,7 @@ def score_vs_performance(points: Mapping[str, Sequence[Point]], path: str | os.P
                 for h, lab in zip(handles, labels):  # one "flagged" entry however many targets have rings
                     keep.setdefault(lab, h)
                 ax.legend(list(keep.values()), list(keep), fontsize=8, loc="best", title="target", title_fontsize=8)
+        place_labels(fig, names)
         out = _save(fig, path)
     finally:
         plt.close(fig)

@@ -163,3 +163,48 @@ def test_figure2_panel_tick_labels_do_not_touch(tmp_path, monkeypatch):
     for n, gaps in seen.values():
         assert 2 <= n <= 6
         assert min(gaps) > 0  # pixels between neighbouring labels
+
+
+# Three targets of our nuclei study (CTE-NHD, F1), where several models sit within 0.002 of each other.
+CLUSTERED = {
+    "fluo_256": [("coelho_nih3t3", 0.9233, 0.517), ("coelho_u2os", 0.9542, 0.731), ("fluo360", 0.9932, 0.908),
+                 ("fluo360_narrow", 0.9836, 0.886), ("fluo_other", 0.9878, 0.887), ("fluo_u2os520", 0.9892, 0.875),
+                 ("fluo_u2os520_noaug", 0.9932, 0.915), ("stage1_test", 0.9824, 0.847)],
+    "coelho_u2os": [("coelho_nih3t3", 0.9875, 0.958), ("fluo256", 0.9787, 0.752), ("fluo256_deep", 0.9872, 0.823),
+                    ("fluo360", 0.997, 0.937), ("fluo360_narrow", 0.9961, 0.95), ("fluo_other", 0.9972, 0.949),
+                    ("fluo_u2os520", 0.9951, 0.929), ("fluo_u2os520_noaug", 0.9935, 0.924),
+                    ("stage1_test", 0.985, 0.93)],
+    "coelho_nih3t3": [("coelho_u2os", 0.9875, 0.958), ("fluo256", 0.9624, 0.585), ("fluo256_deep", 0.9649, 0.608),
+                      ("fluo360", 0.9958, 0.914), ("fluo360_narrow", 0.9947, 0.936), ("fluo_other", 0.9947, 0.943),
+                      ("fluo_u2os520", 0.9944, 0.916), ("fluo_u2os520_noaug", 0.9886, 0.878),
+                      ("stage1_test", 0.9703, 0.814)],
+}
+
+
+@pytest.mark.parametrize("panels", [True, False])
+def test_point_labels_do_not_overlap(tmp_path, monkeypatch, panels):
+    # With fixed alternating offsets, names in these clusters ran into each other. Measure the
+    # saved figure: no two labels of an axes overlap, no label covers a point of its axes, and
+    # every label stays inside its axes.
+    seen = []
+    save = plots._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            texts = [c for c in ax.get_children() if c.__class__.__name__ == "Annotation"]
+            boxes = [t.get_window_extent(r) for t in texts]
+            dots = [ax.transData.transform(t.xy) for t in texts]
+            seen.append((ax.get_window_extent(r), boxes, dots))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    pts = CLUSTERED if panels else {"fluo_256": CLUSTERED["fluo_256"]}
+    plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y", panels=panels)
+    assert sum(len(b) for _, b, _ in seen) == sum(len(v) for v in pts.values())
+    for frame, boxes, dots in seen:
+        for i, a in enumerate(boxes):
+            assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+            assert not any(a.overlaps(b) for b in boxes[i + 1:])
+            assert not any(a.x0 < x < a.x1 and a.y0 < y < a.y1 for x, y in dots)
