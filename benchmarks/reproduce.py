@@ -18,7 +18,8 @@ trained on that domain are left out of its ranking. For every target and model t
 then the per-target Kendall tau / Spearman rho / Pearson r, their mean and std over targets in
 the form of the paper's Tables 1 and 2 with the paper's figures beside them, the failure-mode
 analysis (low-foreground flag: paper score vs flagged models left out vs corrected score), Figure
-2-style scatter plots, a Figure 3-style dropout sweep (0.05 ... 0.5) on one target, and writes
+2-style scatter plots, a Figure 3-style dropout sweep (0.05 ... 0.5) on every nuclei target (or one
+target: ``--sweep TASK/DOMAIN``), and writes
 everything to ``benchmarks/RESULTS.md`` and ``benchmarks/figures/``.
 
 Targets are capped for time: images larger than ``--whole-max`` pixels a side are cut into
@@ -29,7 +30,7 @@ the repository; the data pack is never copied into it).
 
 Usage (from the repository root):
 
-    python benchmarks/reproduce.py                     # the whole study (about 30-40 min on 2 cores)
+    python benchmarks/reproduce.py                     # the whole study (about 35-45 min on 2 cores)
     python benchmarks/reproduce.py --quick --out /tmp/q  # smoke run: 2 nuclei targets, 3 models
     python benchmarks/reproduce.py --write-recipes benchmarks/banks   # regenerate RECIPES.md
 
