@@ -384,9 +384,9 @@ baselines (mean foreground confidence, 1 - mean entropy, MC-dropout variance agr
 its true performance (foreground F1 or instance mAP, median over images), then Kendall tau,
 Spearman rho and Pearson r of each estimator against performance, with permutation p-values.
 
-Models predicting far less foreground than the bank's median (LOW: below a fifth of it), or far
-more (HIGH: above max(0.5, twice it)), are flagged: their consistency may be high for the wrong
-reason. Each estimator is reported unchanged (paper), without the flagged models (unflagged),
+Models predicting far less foreground than the bank's typical model (LOW: below a fifth of the
+median over the models that predict at most half of the image), or far more (HIGH: above
+max(0.5, twice that median)), are flagged: their consistency may be high for the wrong reason. Each estimator is reported unchanged (paper), without the flagged models (unflagged),
 and with a corrected score (--correction).
 
 A target is a labelled domain folder (images/, labels/, split.json), e.g. ../shared/data/nuclei/

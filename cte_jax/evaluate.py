@@ -16,15 +16,17 @@ p-values (``cte_jax.stats``).
 
 Failure mode (a model predicting almost no foreground looks very consistent, since tiny unions
 agree), and so can one predicting most of the image (large masks barely change): ``rank`` flags
-models whose median predicted-foreground fraction is below 20% of the bank's median
-(``low_foreground``) or above max(0.5, 2 x the median) (``high_foreground``). A model is
-"flagged" when either fires. Every estimator is reported in three variants side by side:
+models whose median predicted-foreground fraction is below 20% of the bank's reference
+(``low_foreground``) or above max(0.5, 2 x the reference) (``high_foreground``), where the
+reference is the median over the models predicting at most half of the image (over all when none
+does; :func:`cte_jax.ranking.reference_foreground`). A model is "flagged" when either fires.
+Every estimator is reported in three variants side by side:
 
 * ``paper``: the unchanged score over all models (what the paper reports);
 * ``unflagged``: the same score, flagged models left out of the statistics;
 * ``corrected``: a corrected score over all models, chosen by ``correction``:
-  ``"fg_ratio"`` (default) ``s' = s * min(1, fg / median_fg)``, a continuous penalty for
-  predicting less foreground than the bank's median model (scores in [0, 1] only: CTE and the
+  ``"fg_ratio"`` (default) ``s' = s * min(1, fg / reference_fg)``, a continuous penalty for
+  predicting less foreground than the bank's reference (scores in [0, 1] only: CTE and the
   unsupervised baselines; not CCFV); ``"flag_last"``: flagged models are ranked below every
   unflagged one, keeping their order (``s' = s - (max s - min s) - 1``); ``None``: no variant.
 
@@ -252,7 +254,8 @@ def image_performance(p: np.ndarray, label: np.ndarray, *, performance: str, tas
 # -- statistics -------------------------------------------------------------------------------------
 def is_flagged(model_row: Mapping[str, Any]) -> bool:
     """Whether ``rank`` flagged this model: foreground far below (``low_foreground``) or far above
-    (``high_foreground``) the bank's median. Rows saved before the high flag existed lack it."""
+    (``high_foreground``) the bank's reference fraction (:func:`cte_jax.ranking.reference_foreground`).
+    Rows saved before the high flag existed lack it."""
     return bool(model_row.get("low_foreground") or model_row.get("high_foreground"))
 
 
@@ -273,8 +276,9 @@ def corrected_scores(scores: Sequence[float | None], fg: Sequence[float | None],
     if correction == "fg_ratio":
         if not bounded:
             return None
-        known = [f for f in fg if f is not None]
-        med = float(np.median(known)) if known else 0.0
+        from cte_jax.ranking import reference_foreground
+
+        med = reference_foreground(f for f in fg if f is not None)
         out = []
         for s, f in zip(scores, fg):
             if s is None or f is None or med <= 0:
@@ -375,7 +379,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
     from cte_jax import engine
     from cte_jax.evaluation import dataset_performance
     from cte_jax.predict import predict_image
-    from cte_jax.ranking import rank
+    from cte_jax.ranking import rank, reference_foreground
 
     models = _select(models_all, spec)
     task = _task_of(models, o.task, spec.name)
@@ -470,6 +474,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
         "aggregate": o.aggregate, "n_images": len(names), "perturbations": list(o.perturbations),
         "metrics": list(o.metrics), "baselines": list(o.baselines), "correction": o.correction,
         "median_foreground_fraction": float(np.median(known_fg)) if known_fg else None,
+        "reference_foreground_fraction": reference_foreground(known_fg) if known_fg else None,
         "flagged": [r["model"] for r in table if is_flagged(r)],
         "models": table, "estimators": estimators, "seed": o.seed,
     }
