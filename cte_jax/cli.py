@@ -96,6 +96,20 @@ def _architecture_note(records: list[dict]) -> list[str]:
     return ["", *textwrap.wrap(text, 100)]
 
 
+def _flag_note(records: list[dict]) -> list[str]:
+    """A warning when most (more than half) of the models with a foreground fraction are flagged."""
+    fg = {r["model"]: bool(r.get("low_foreground") or r.get("high_foreground"))
+          for r in records if "foreground_fraction" in r}
+    n = sum(fg.values())
+    if not fg or 2 * n <= len(fg):
+        return []
+    text = (f"note: {n} of {len(fg)} models are flagged for their foreground fraction. A bank mostly "
+            f"flagged on a target was probably not made for images like these (for example fluorescence "
+            f"models on stained tissue, where they segment the background and look very consistent); its "
+            f"ranking there is not to be trusted.")
+    return ["", *textwrap.wrap(text, 100)]
+
+
 def _table(records: list[dict], aggregate: str = "median") -> str:
     from cte_jax.perturbations import parse_perturbation
     from cte_jax.ranking import ORDER_MIN_RESAMPLES, ORDER_RESAMPLES, ORDER_SURE
@@ -134,7 +148,7 @@ def _table(records: list[dict], aggregate: str = "median") -> str:
                          f"{r['n_skipped']:>7}  {fg:>6}{note}")
         if pert and parse_perturbation(pert).is_feature and not arch_note:
             arch_note = _architecture_note(rs)
-    lines += arch_note
+    lines += arch_note + _flag_note(records)
     baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
     lines.append(f"\nscore: {aggregate} per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")

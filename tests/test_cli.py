@@ -184,3 +184,21 @@ def test_rank_notes_mixed_architectures_under_feature_perturbations(setup, capsy
                           "--perturbation", "noise:0.05")
     assert code == 0, err
     assert "not equally strong" not in out
+
+
+def test_rank_warns_when_most_of_the_bank_is_flagged(setup, capsys, tmp_path):
+    # Two of three models segment everything (final bias +30): the bank was not made for the target.
+    bank = tmp_path / "bank"
+    for i, bias in enumerate((0.0, 30.0, 30.0)):
+        v = init_variables(SPEC, jax.random.key(0))
+        v["params"]["final"]["bias"] = v["params"]["final"]["bias"] + bias
+        save_model(Model(name=f"m{i}", normalization=NORM, spec=SPEC, variables=v), bank / f"m{i}")
+    code, out, err = _run(capsys, "rank", "--bank", bank, "--target", setup / "target", "--quiet",
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    recs = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(r["model"] for r in recs if r["high_foreground"]) == ["m1", "m2"]
+    assert out.count("2 of 3 models are flagged") == 1
+    # The fixture's own bank has no flagged model: no warning.
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet")
+    assert code == 0 and "models are flagged" not in out
