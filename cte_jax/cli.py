@@ -154,8 +154,9 @@ def _table(records: list[dict], aggregate: str = "median") -> str:
                  "fraction of pixels predicted foreground")
     lines += textwrap.wrap(
         f"vs next: share of {ORDER_RESAMPLES} resamples of the target's images (at least {ORDER_MIN_RESAMPLES} "
-        f"on very large targets) in which the model still scores above the next one down. Below {ORDER_SURE} the two are a close call: in our nuclei study such "
-        f"neighbours were in the order of their true performance only about half the time.", 100)
+        f"on very large targets) in which the model still scores above the next one down. Below "
+        f"{ORDER_SURE} the two are a close call: in our nuclei study such neighbours were in the order of "
+        f"their true performance only about half the time.", 100)
     return "\n".join(lines).lstrip("\n")
 
 
@@ -400,8 +401,9 @@ Spearman rho and Pearson r of each estimator against performance, with permutati
 
 Models predicting far less foreground than the bank's typical model (LOW: below a fifth of the
 median over the models that predict at most half of the image), or far more (HIGH: above
-max(0.5, twice that median)), are flagged: their consistency may be high for the wrong reason. Each estimator is reported unchanged (paper), without the flagged models (unflagged),
-and with a corrected score (--correction).
+max(0.5, twice that median)), are flagged: their consistency may be high for the wrong reason.
+Each estimator is reported unchanged (paper), without the flagged models (unflagged), and with a
+corrected score (--correction).
 
 A target is a labelled domain folder (images/, labels/, split.json), e.g. ../shared/data/nuclei/
 dsb2018_fluo_256; with several targets the statistics are also averaged over targets.
