@@ -30,7 +30,7 @@ the repository; the data pack is never copied into it).
 
 Usage (from the repository root):
 
-    python benchmarks/reproduce.py                     # the whole study (about 35-45 min on 2 cores)
+    python benchmarks/reproduce.py                     # the whole study (about 40-50 min on 2 cores)
     python benchmarks/reproduce.py --quick --out /tmp/q  # smoke run: 2 nuclei targets, 3 models
     python benchmarks/reproduce.py --write-recipes benchmarks/banks   # regenerate RECIPES.md
 
