@@ -27,6 +27,13 @@ DEFAULT_PERTURBATION = "dropout:0.1"
 # masks look consistent.
 LOW_FOREGROUND_RATIO = 0.2
 HIGH_FOREGROUND_RATIO, HIGH_FOREGROUND_MIN = 2.0, 0.5
+# Resamples of the target's images behind each model's "order support" (the share of resamples in
+# which it still scores above the next model down); at 1000 the share's own noise is below 0.01
+# near 0.95. On very large targets fewer, so that a pair costs at most ORDER_MAX_DRAWS unit draws
+# (about a second on one CPU core), but never fewer than ORDER_MIN_RESAMPLES (noise below 0.02).
+ORDER_RESAMPLES, ORDER_MIN_RESAMPLES, ORDER_MAX_DRAWS = 1000, 200, 20_000_000
+_CHUNK_DRAWS = 4_000_000  # unit draws held in memory at once (~16 MB of indices, as much per model)
+ORDER_SURE = 0.95  # below it, `rank` calls a model and the next one down a close call
 
 
 def reference_foreground(fractions: Iterable[float]) -> float:
@@ -40,13 +47,6 @@ def reference_foreground(fractions: Iterable[float]) -> float:
         return 0.0
     plausible = [f for f in fg if f <= HIGH_FOREGROUND_MIN]
     return float(np.median(plausible or fg))
-# Resamples of the target's images behind each model's "order support" (the share of resamples in
-# which it still scores above the next model down); at 1000 the share's own noise is below 0.01
-# near 0.95. On very large targets fewer, so that a pair costs at most ORDER_MAX_DRAWS unit draws
-# (about a second on one CPU core), but never fewer than ORDER_MIN_RESAMPLES (noise below 0.02).
-ORDER_RESAMPLES, ORDER_MIN_RESAMPLES, ORDER_MAX_DRAWS = 1000, 200, 20_000_000
-_CHUNK_DRAWS = 4_000_000  # unit draws held in memory at once (~16 MB of indices, as much per model)
-ORDER_SURE = 0.95  # below it, `rank` calls a model and the next one down a close call
 
 
 @dataclasses.dataclass
@@ -493,12 +493,20 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                 records.append(rec)
     records = assign_ranks(records)
     index = {m.name: mi for mi, m in enumerate(models)}
+    support: dict[tuple, float | None] = {}
     for pi, p in enumerate(perts):
         for ki, metric in enumerate(metrics):
             ranked = [r for r in records if (r["perturbation"], r["metric"]) == (p.name, metric) and r["rank"]]
             for upper, lower in zip(ranked, ranked[1:] + [None]):
-                upper["order_support"] = None if lower is None else order_support(
-                    *table.paired(index[upper["model"]], index[lower["model"]], pi, ki), aggregate=aggregate, seed=seed)
+                if lower is None:
+                    upper["order_support"] = None
+                    continue
+                # A clean-pass baseline has the same scores under every perturbation: resample once.
+                key = (metric if metric in engine.CLEAN_METRICS else (p.name, metric), upper["model"], lower["model"])
+                if key not in support:
+                    support[key] = order_support(*table.paired(index[upper["model"]], index[lower["model"]], pi, ki),
+                                                 aggregate=aggregate, seed=seed)
+                upper["order_support"] = support[key]
     for r in records:
         r.setdefault("order_support", None)
     return records
