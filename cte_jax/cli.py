@@ -98,8 +98,9 @@ def _architecture_note(records: list[dict]) -> list[str]:
 
 def _flag_note(records: list[dict]) -> list[str]:
     """A warning when most (more than half) of the models with a foreground fraction are flagged."""
-    fg = {r["model"]: bool(r.get("low_foreground") or r.get("high_foreground"))
-          for r in records if "foreground_fraction" in r}
+    from cte_jax.evaluate import is_flagged
+
+    fg = {r["model"]: is_flagged(r) for r in records if "foreground_fraction" in r}
     n = sum(fg.values())
     if not fg or 2 * n <= len(fg):
         return []
