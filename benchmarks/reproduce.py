@@ -77,14 +77,6 @@ TASKS: dict[str, dict[str, Any]] = {
                               "metrics": ("nhd", "ei", "vrand"), "instance": True},
 }
 
-
-def bank_dir(banks: Path, task: str) -> Path:
-    """The bank folder a task ranks (its own, unless the task borrows another task's bank)."""
-    return banks / TASKS[task].get("bank", task)
-
-
-def data_dir(shared: Path, task: str) -> Path:
-    return shared / "data" / TASKS[task].get("data", task)
 FEATURE = "dropout:0.1"
 # The input perturbation lies inside the banks' training noise augmentation (sigma 0-0.05), as the
 # paper perturbs with the augmentations it trained with; it is the first of the reference ranges.
@@ -108,6 +100,15 @@ PAPER = {
 _EST_LABEL = {"nhd": "CTE-NHD", "ei": "CTE-EI", "vrand": "CTE-VRand", "confidence": "confidence (baseline)",
               "entropy": "1 - entropy (baseline)", "mcdropout": "MC-dropout agreement (baseline)",
               "ccfv": "CCFV (supervised baseline)"}
+
+
+def bank_dir(banks: Path, task: str) -> Path:
+    """The bank folder a task ranks (its own, unless the task borrows another task's bank)."""
+    return banks / TASKS[task].get("bank", task)
+
+
+def data_dir(shared: Path, task: str) -> Path:
+    return shared / "data" / TASKS[task].get("data", task)
 
 
 # -- recipes -------------------------------------------------------------------------------------------
@@ -354,6 +355,26 @@ def map_performance(bank_models, target_dir: Path, models: Sequence[str], *, tas
 
 
 # -- the study -------------------------------------------------------------------------------------------
+def labelled_targets(task: str, domains: Sequence[str], *, shared: Path, work: Path, max_units: int, whole_max: int,
+                     split: str, include: Sequence[str] | None = None) -> tuple[list, dict[str, dict[str, Any]]]:
+    """Each domain's units prepared under WORK/targets/TASK/, and its leave-one-domain-out target:
+    the models trained on the domain excluded (and only ``include`` ranked, when given).
+
+    Returns:
+      (the evaluate.LabelledTarget of every domain, in order; prepare_target's facts per domain).
+    """
+    from cte_jax import evaluate as E
+
+    targets, infos = [], {}
+    for dom in domains:
+        tdir = work / "targets" / task / dom
+        infos[dom] = prepare_target(data_dir(shared, task) / dom, tdir, max_units=max_units, whole_max=whole_max,
+                                    split=split)
+        targets.append(E.LabelledTarget(name=dom, path=tdir / "images", labels=tdir / "labels",
+                                        exclude=_trained_on(dom), include=include))
+    return targets, infos
+
+
 def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, perturbations: Sequence[str], split: str = "test",
              metrics: Sequence[str], baselines: Sequence[str], domains: Sequence[str] | None = None,
              include: Sequence[str] | None = None, plots: bool = True, seed: int = 0,
@@ -364,17 +385,10 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
     cfg = TASKS[task]
     models = load_bank(bank_dir(banks, task))
     model_names = {m.name for m in models}
-    targets, infos = [], {}
-    for dom in (domains or cfg["domains"]):
-        tdir = work / "targets" / task / dom
-        infos[dom] = prepare_target(data_dir(shared, task) / dom, tdir, max_units=max_units, whole_max=whole_max,
-                                     split=split)
-        inc = [n for n in include if n in model_names] if include is not None else None
-        excluded = sorted(m.name for m in models if _trained_on(dom)(m))
-        targets.append((E.LabelledTarget(name=dom, path=tdir / "images", labels=tdir / "labels",
-                                         exclude=_trained_on(dom), include=inc), excluded))
+    inc = [n for n in include if n in model_names] if include is not None else None
+    tlist, infos = labelled_targets(task, domains or cfg["domains"], shared=shared, work=work, max_units=max_units,
+                                    whole_max=whole_max, split=split, include=inc)
     t0 = time.perf_counter()
-    tlist = [t for t, _ in targets]
     feature = [p for p in perturbations if p.startswith("dropout")]
     inputs = [p for p in perturbations if not p.startswith("dropout")]
     # Feature perturbation: every metric and baseline. Input perturbation: CTE-NHD only (the
@@ -409,7 +423,8 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
     t_map = time.perf_counter() - t1
     summaries = {p: summarise(res["targets"], perf[p], seed=seed, n_permutations=n_permutations) for p in perf}
     return {"task": task, "result": res, "performance": perf, "summaries": summaries, "targets": infos,
-            "excluded": {t.name: ex for t, ex in targets}, "seconds": {"evaluate": t_eval, "map": t_map}}
+            "excluded": {t.name: sorted(m.name for m in models if _trained_on(t.name)(m)) for t in tlist},
+            "seconds": {"evaluate": t_eval, "map": t_map}}
 
 
 def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, max_units: int, whole_max: int, seed: int = 0, split: str = "test",
@@ -420,14 +435,9 @@ def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, 
     from cte_jax.modelio import load_bank
 
     models = load_bank(bank_dir(banks, task))
-    domains = TASKS[task]["domains"] if domain == "all" else [domain]
-    targets, n_units = [], {}
-    for dom in domains:
-        tdir = work / "targets" / task / dom
-        n_units[dom] = prepare_target(data_dir(shared, task) / dom, tdir, max_units=max_units, whole_max=whole_max,
-                                      split=split)["n_units"]
-        targets.append(E.LabelledTarget(name=dom, path=tdir / "images", labels=tdir / "labels",
-                                        exclude=_trained_on(dom)))
+    targets, infos = labelled_targets(task, TASKS[task]["domains"] if domain == "all" else [domain], shared=shared,
+                                      work=work, max_units=max_units, whole_max=whole_max, split=split)
+    n_units = {dom: info["n_units"] for dom, info in infos.items()}
     t0 = time.perf_counter()
     res = E.evaluate_targets(models, targets, perturbations=list(SWEEP), metrics=["nhd"], baselines=(),
                              performance="f1", out_dir=work / "sweep" / task, seed=seed,
