@@ -29,8 +29,9 @@
 #                background, the contrast-inversion failure mode on fluorescence targets.
 #   mito_em      binary mitochondria labels, task foreground, percentile:1,99 normalisation, patch 96.
 #                Per source: a 16-32-64 model and a 4-level 8-16-32-64 model without augmentation,
-#                2500 steps each (to the end of their cosine schedule; validation F1 was still
-#                creeping up, by about 0.01 per 250 steps), and a 4-8-16 model of 1000 steps as the
+#                2500 steps each (to the end of their cosine schedule: the sbem and membrane
+#                models had levelled off, the two vnc mito models were still gaining 0.01-0.02
+#                validation F1 per 250 steps), and a 4-8-16 model of 1000 steps as the
 #                width and training-length variant. The 80-300-step models these replace had
 #                validation F1 0.00-0.62. vnc_narrow_short still stays on the all-background
 #                solution (validation F1 0): a bad model a bank can contain, and what the
