@@ -497,10 +497,7 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
     for pi, p in enumerate(perts):
         for ki, metric in enumerate(metrics):
             ranked = [r for r in records if (r["perturbation"], r["metric"]) == (p.name, metric) and r["rank"]]
-            for upper, lower in zip(ranked, ranked[1:] + [None]):
-                if lower is None:
-                    upper["order_support"] = None
-                    continue
+            for upper, lower in zip(ranked, ranked[1:]):  # the last one keeps order_support None (below)
                 # A clean-pass baseline has the same scores under every perturbation: resample once.
                 key = (metric if metric in engine.CLEAN_METRICS else (p.name, metric), upper["model"], lower["model"])
                 if key not in support:
