@@ -23,6 +23,16 @@ if "CTE_JAX_CACHE_DIR" not in os.environ:
 # An environment variable, so the subprocesses tests start draw the same numbers.
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 
+# Two test processes (pytest-xdist) on one GPU must not each take most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# The test process caches compiled programs too (in the folder above, shared with the other
+# worker process and the subprocesses): many tests compile the same scoring program, and a
+# program compiled once is then read from disk. Every size of program is kept.
+from cte_jax.cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(os.environ["CTE_JAX_CACHE_DIR"], min_compile_seconds=0)
+
 SHARED = Path(os.environ.get("CTE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"
 MODELS = SHARED / "models"

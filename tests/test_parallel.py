@@ -251,10 +251,14 @@ def test_compilation_cache_is_written_then_hit(tmp_path):
 
 def test_cache_off_leaves_jax_alone(monkeypatch):
     monkeypatch.setenv("CTE_JAX_CACHE_DIR", "off")
-    if jax.config.jax_compilation_cache_dir:
-        pytest.skip("a compilation cache is already configured in this process")
-    assert cache.enable_compilation_cache() is None
-    assert not jax.config.jax_compilation_cache_dir
+    # The test session turns the cache on (conftest); take it off for this test only.
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert cache.enable_compilation_cache() is None
+        assert not jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 if __name__ == "__main__":
