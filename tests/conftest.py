@@ -31,7 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # program compiled once is then read from disk. Every size of program is kept.
 from cte_jax.cache import enable_compilation_cache  # noqa: E402
 
-enable_compilation_cache(os.environ["CTE_JAX_CACHE_DIR"], min_compile_seconds=0)
+enable_compilation_cache(min_compile_seconds=0)  # from $CTE_JAX_CACHE_DIR, so "off" still turns it off
 
 SHARED = Path(os.environ.get("CTE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 DATA = SHARED / "data"
