@@ -129,6 +129,7 @@ def model_facts(model_dir: Path) -> dict[str, Any]:
         "n_train": sum(int(x.get("n_train", 0)) for x in prov.get("data", [])),
         "features": ",".join(str(f) for f in arch.get("features", [])),
         "layer_order": arch.get("layer_order"),
+        "upsampling": arch.get("upsampling", "nearest"),
         "task": d.get("task"),
         "normalization": cfg.get("normalization"),
         "patch": cfg.get("patch_size"), "batch": cfg.get("batch_size"), "steps": cfg.get("steps"),
@@ -154,10 +155,11 @@ def _fmt(x: Any, nd: int = 2) -> str:
 
 
 def bank_table(facts: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| model | source domain | features | steps | patch | augment | val F1 | train s | size kB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | source domain | features | layers, upsampling | steps | patch | augment | val F1 | train s | size kB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f in facts:
-        lines.append(f"| {f['name']} | {f['source']} | {f['features']} | {f['steps']} | {f['patch']} | "
+        lines.append(f"| {f['name']} | {f['source']} | {f['features']} | {f['layer_order']}, {f['upsampling']} | "
+                     f"{f['steps']} | {f['patch']} | "
                      f"{_fmt(f['augment'])} | {_fmt(f['val_f1'])} | {_fmt(f['train_seconds'], 0)} | "
                      f"{_fmt(f['size_kb'], 0)} |")
     return lines
@@ -185,7 +187,8 @@ def write_recipes(banks: Path) -> list[Path]:
         for f in facts:
             lines += [f"## {f['name']}", "",
                       f"- source domain: {f['source']} ({f['n_train']} training images)",
-                      f"- architecture: features {f['features']}, layer order `{f['layer_order']}`, task {f['task']}",
+                      f"- architecture: features {f['features']}, layer order `{f['layer_order']}`, "
+                      f"upsampling `{f['upsampling']}`, task {f['task']}",
                       f"- normalisation: `{f['normalization']}`",
                       f"- training: {f['steps']} steps, batch {f['batch']}, patch {f['patch']}, lr {f['lr']}, "
                       f"dropout {f['dropout']}, augmentation {_fmt(f['augment'])}, seed {f['seed']}; "
@@ -542,11 +545,12 @@ def failure_lines(runs: dict[str, dict]) -> list[str]:
 
 # -- architecture ------------------------------------------------------------------------------------
 def architecture_groups(facts: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """(architecture, model names) per architecture of a bank (features, layer order and task),
+    """(architecture, model names) per architecture of a bank (features, layer order, upsampling
+    and task),
     the largest group first."""
     groups: dict[str, list[str]] = {}
     for f in facts:
-        groups.setdefault(f"{f['features']} {f['layer_order']} {f['task']}", []).append(f["name"])
+        groups.setdefault(f"{f['features']} {f['layer_order']} {f['upsampling']} {f['task']}", []).append(f["name"])
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
 
 

@@ -100,7 +100,9 @@ def test_write_recipes_lists_every_model_with_its_command(tmp_path):
     text = written.read_text()
     for name, dom in (("a", "dom_a"), ("b", "dom_b")):
         assert f"## {name}" in text and f"--data ../shared/data/{dom}" in text
-        assert f"| {name} | {dom} | 8,16 | 7 | 64 | no | 0.50 |" in text
+        assert f"| {name} | {dom} | 8,16 | cr, nearest | 7 | 64 | no | 0.50 |" in text
+    # model.json without an upsampling field: the network default, nearest.
+    assert text.count("upsampling `nearest`") == 2
 
 
 def test_quick_run_writes_consistent_tables(tmp_path):
@@ -179,11 +181,14 @@ def test_one_architecture_statistics_match_scipy_on_the_subset():
 
 def test_architecture_groups_largest_first():
     mod = _module()
-    facts = [{"name": n, "features": f, "layer_order": "cr", "task": "foreground"}
-             for n, f in [("x", "8,16"), ("a", "16,32"), ("b", "16,32"), ("y", "16,32,64")]]
+    facts = [{"name": n, "features": f, "layer_order": "cr", "upsampling": u, "task": "foreground"}
+             for n, f, u in [("x", "8,16", "nearest"), ("a", "16,32", "nearest"), ("b", "16,32", "nearest"),
+                             ("d", "16,32", "deconv"), ("y", "16,32,64", "nearest")]]
     groups = mod.architecture_groups(facts)
-    assert groups[0] == ("16,32 cr foreground", ["a", "b"])
-    assert sorted(n for _, names in groups for n in names) == ["a", "b", "x", "y"]
+    assert groups[0] == ("16,32 cr nearest foreground", ["a", "b"])
+    # Same channels, other upsampling: an architecture of its own.
+    assert ("16,32 cr deconv foreground", ["d"]) in groups
+    assert sorted(n for _, names in groups for n in names) == ["a", "b", "d", "x", "y"]
 
 
 def test_pair_agreement_counts_pairs_by_performance_gap():
