@@ -546,8 +546,7 @@ def failure_lines(runs: dict[str, dict]) -> list[str]:
 # -- architecture ------------------------------------------------------------------------------------
 def architecture_groups(facts: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(architecture, model names) per architecture of a bank (features, layer order, upsampling
-    and task),
-    the largest group first."""
+    and task), the largest group first."""
     groups: dict[str, list[str]] = {}
     for f in facts:
         groups.setdefault(f"{f['features']} {f['layer_order']} {f['upsampling']} {f['task']}", []).append(f["name"])
