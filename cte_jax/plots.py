@@ -77,9 +77,15 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 # Where a point's name may go, in points from the point (nearest first): right, left, above,
-# below, then the diagonals, then twice as far. place_labels takes the first free one.
-LABEL_OFFSETS = tuple((dx * f, dy * f) for f in (1, 2.2) for dx, dy in
-                      ((5, -3), (-5, -3), (0, 6), (0, -12), (5, 5), (-5, 5), (5, -11), (-5, -11)))
+# below, then the diagonals, then 2.2 and 4 times as far, then columns left and right of the point
+# at heights up to 70 points (where a dense cluster has to stack its names). place_labels takes
+# the first free one.
+_LABEL_DIRECTIONS = ((5, -3), (-5, -3), (0, 6), (0, -12), (5, 5), (-5, 5), (5, -11), (-5, -11))
+LABEL_OFFSETS = tuple((dx * f, dy * f) for f in (1, 2.2, 4) for dx, dy in _LABEL_DIRECTIONS) + tuple(
+    (dx, dy) for dy in sorted(range(-70, 71, 10), key=abs) for dx in (12, -12, 35, -35))
+# A name placed beyond the first ring gets a thin leader line to its point.
+_NEAR_OFFSETS = frozenset(LABEL_OFFSETS[:len(_LABEL_DIRECTIONS)])
+LEADER_GID = "label-leader"
 
 
 def _annotate(ax, pts: Sequence[Point], color) -> list:
@@ -93,7 +99,9 @@ def place_labels(fig, labels) -> None:
 
     Greedy, in display space, once the layout is final: each label (in the order given) takes the
     first offset of ``LABEL_OFFSETS`` whose text box is inside its axes and clear of every point
-    and of the labels already placed; where none is, the one overlapping least.
+    and of the labels already placed; where none is, the one overlapping least. A label that ends
+    up beyond the nearest ring is joined to its point by a thin line (gid ``LEADER_GID``), so that
+    in a cluster each name can still be traced to its point.
     """
     if not labels:
         return
@@ -126,6 +134,26 @@ def place_labels(fig, labels) -> None:
         ann.set_position(best[1])
         ann.set_horizontalalignment(best[2])
         placed.append(best[3])
+        if best[1] not in _NEAR_OFFSETS:
+            _leader(ann, best[3], renderer)
+
+
+def _leader(ann, box, renderer) -> None:
+    """A thin line from just outside ``ann``'s marker to the nearest point of its text box."""
+    from matplotlib.lines import Line2D
+
+    ax = ann.axes
+    px, py = ax.transData.transform(ann.xy)
+    tx, ty = min(max(px, box[0]), box[2]), min(max(py, box[1]), box[3])
+    length = float(np.hypot(tx - px, ty - py))
+    start = 5.0 * renderer.points_to_pixels(1.0)  # clear of the marker (radius ~2.6 pt)
+    if length <= start:
+        return
+    sx, sy = px + (tx - px) * start / length, py + (ty - py) * start / length
+    (x0, y0), (x1, y1) = ax.transData.inverted().transform([(sx, sy), (tx, ty)])
+    # add_artist, not add_line: the line must not widen the data limits the labels were placed in.
+    ax.add_artist(Line2D([x0, x1], [y0, y1], lw=0.5, color=ann.get_color(), alpha=0.8, zorder=2,
+                         gid=LEADER_GID))
 
 
 def _fit_line(ax, pts: Sequence[Point], color, style="-") -> dict | None:

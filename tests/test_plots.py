@@ -179,32 +179,72 @@ CLUSTERED = {
                       ("fluo_u2os520", 0.9944, 0.916), ("fluo_u2os520_noaug", 0.9886, 0.878),
                       ("stage1_test", 0.9703, 0.814)],
 }
+# The twelve-model bank on coelho2009_u2os: eleven candidates, six of them within 0.005 CTE-NHD.
+CLUSTERED_11 = {"coelho_u2os": [
+    ("coelho_nih3t3", 0.9875, 0.958), ("fluo256", 0.9787, 0.752), ("fluo256_bn", 0.9592, 0.507),
+    ("fluo256_bn_s2", 0.965, 0.712), ("fluo360", 0.997, 0.937), ("fluo360_deconv", 0.998, 0.949),
+    ("fluo360_deconv_s2", 0.9977, 0.945), ("fluo_other", 0.9972, 0.949), ("fluo_u2os520", 0.9951, 0.929),
+    ("fluo_u2os520_noaug", 0.9935, 0.924), ("stage1_test", 0.985, 0.93)]}
 
 
-@pytest.mark.parametrize("panels", [True, False])
-def test_point_labels_do_not_overlap(tmp_path, monkeypatch, panels):
-    # With fixed alternating offsets, names in these clusters ran into each other. Measure the
-    # saved figure: no two labels of an axes overlap, no label covers a point of its axes, and
-    # every label stays inside its axes.
-    seen = []
+def _label_geometry(fig):
+    """Per axes: its frame, each label's text box, its point and the leader lines, in pixels."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        texts = [c for c in ax.get_children() if c.__class__.__name__ == "Annotation"]
+        boxes = [Text.get_window_extent(t, r) for t in texts]  # the text alone
+        dots = [ax.transData.transform(t.xy) for t in texts]
+        leaders = [ax.transData.transform(np.column_stack(ln.get_data())) for ln in ax.get_lines()
+                   if ln.get_gid() == "label-leader"]
+        out.append((ax.get_window_extent(r), boxes, dots, leaders))
+    return out
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The label geometry of every figure saved during the test (see _label_geometry)."""
+    out = []
     save = plots._save
 
     def keep(fig, path):
-        fig.canvas.draw()
-        r = fig.canvas.get_renderer()
-        for ax in fig.axes:
-            texts = [c for c in ax.get_children() if c.__class__.__name__ == "Annotation"]
-            boxes = [t.get_window_extent(r) for t in texts]
-            dots = [ax.transData.transform(t.xy) for t in texts]
-            seen.append((ax.get_window_extent(r), boxes, dots))
+        out.extend(_label_geometry(fig))
         return save(fig, path)
 
     monkeypatch.setattr(plots, "_save", keep)
-    pts = CLUSTERED if panels else {"fluo_256": CLUSTERED["fluo_256"]}
-    plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y", panels=panels)
-    assert sum(len(b) for _, b, _ in seen) == sum(len(v) for v in pts.values())
-    for frame, boxes, dots in seen:
+    return out
+
+
+@pytest.mark.parametrize("case", ["panels", "single", "eleven"])
+def test_point_labels_do_not_overlap(tmp_path, seen, case):
+    # With fixed alternating offsets, names in these clusters ran into each other. Measure the
+    # saved figure: no two labels of an axes overlap, no label covers a point of its axes, and
+    # every label stays inside its axes.
+    pts = {"panels": CLUSTERED, "single": {"fluo_256": CLUSTERED["fluo_256"]}, "eleven": CLUSTERED_11}[case]
+    plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y", panels=case == "panels")
+    assert sum(len(b) for _, b, _, _ in seen) == sum(len(v) for v in pts.values())
+    for frame, boxes, dots, _ in seen:
         for i, a in enumerate(boxes):
             assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
             assert not any(a.overlaps(b) for b in boxes[i + 1:])
             assert not any(a.x0 < x < a.x1 and a.y0 < y < a.y1 for x, y in dots)
+
+
+def test_far_labels_get_a_leader_line_to_their_point(tmp_path, seen):
+    # In a cluster some names can only be placed away from their point; a thin line then joins
+    # each such name to its point, so that which name is whose stays readable. Near names get none.
+    plots.score_vs_performance(CLUSTERED_11, tmp_path / "p.png", xlabel="x", ylabel="y")
+    ((_, boxes, dots, leaders),) = seen
+
+    def gap(box, x, y):  # pixels from a point to a text box
+        return float(np.hypot(max(box.x0 - x, 0, x - box.x1), max(box.y0 - y, 0, y - box.y1)))
+
+    far = [(box, d) for box, d in zip(boxes, dots) if gap(box, *d) > 12]
+    assert far, "the cluster should push some names away from their points"
+    assert len(leaders) == len(far)
+    for box, (x, y) in far:
+        # One leader starts within a marker's reach of this point and ends on this name's box.
+        assert any(np.hypot(*(ln[0] - (x, y))) < 8 and gap(box, *ln[1]) < 1.5 for ln in leaders)
