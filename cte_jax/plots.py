@@ -98,8 +98,8 @@ def place_labels(fig, labels) -> None:
     """Move point labels so that they overlap neither each other, nor any point, nor the axes edge.
 
     Greedy, in display space, once the layout is final: each label (in the order given) takes the
-    first offset of ``LABEL_OFFSETS`` whose text box is inside its axes and clear of every point
-    and of the labels already placed; where none is, the one overlapping least. A label that ends
+    first offset of ``LABEL_OFFSETS`` whose text box is inside its axes and clear of every point,
+    of its axes' legend and of the labels already placed; where none is, the one overlapping least. A label that ends
     up beyond the nearest ring is joined to its point by a thin line (gid ``LEADER_GID``), so that
     in a cluster each name can still be traced to its point.
     """
@@ -115,9 +115,19 @@ def place_labels(fig, labels) -> None:
         h = min(a[3], b[3]) - max(a[1], b[1])
         return w * h if w > 0 and h > 0 else 0.0
 
+    legends = {}
+    for ann in labels:
+        leg = ann.axes.get_legend()
+        if leg is not None and ann.axes not in legends:
+            e = leg.get_window_extent(renderer)
+            legends[ann.axes] = (e.x0, e.y0, e.x1, e.y1)
+            # Pin a "best" legend where it is now: it would otherwise move away from the leader
+            # lines drawn below, onto labels placed around it.
+            leg.set_loc(tuple(ann.axes.transAxes.inverted().transform((e.x0, e.y0))))
     placed: list[tuple[float, float, float, float]] = []
     for ann in labels:
         frame = ann.axes.get_window_extent(renderer)
+        legend = legends.get(ann.axes)
         best = None
         for dx, dy in LABEL_OFFSETS:
             ann.set_position((dx, dy))
@@ -127,6 +137,8 @@ def place_labels(fig, labels) -> None:
             outside = (e.width * e.height) - overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
             cost = outside + sum(overlap(box, o) for o in placed) + sum(
                 overlap(box, (x - pad, y - pad, x + pad, y + pad)) for x, y in points)
+            if legend is not None:
+                cost += overlap(box, legend)
             if best is None or cost < best[0]:
                 best = (cost, (dx, dy), ann.get_horizontalalignment(), box)
             if cost == 0:

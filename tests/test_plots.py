@@ -179,12 +179,60 @@ CLUSTERED = {
                       ("fluo_u2os520", 0.9944, 0.916), ("fluo_u2os520_noaug", 0.9886, 0.878),
                       ("stage1_test", 0.9703, 0.814)],
 }
-# The twelve-model bank on coelho2009_u2os: eleven candidates, six of them within 0.005 CTE-NHD.
-CLUSTERED_11 = {"coelho_u2os": [
-    ("coelho_nih3t3", 0.9875, 0.958), ("fluo256", 0.9787, 0.752), ("fluo256_bn", 0.9592, 0.507),
-    ("fluo256_bn_s2", 0.965, 0.712), ("fluo360", 0.997, 0.937), ("fluo360_deconv", 0.998, 0.949),
-    ("fluo360_deconv_s2", 0.9977, 0.945), ("fluo_other", 0.9972, 0.949), ("fluo_u2os520", 0.9951, 0.929),
-    ("fluo_u2os520_noaug", 0.9935, 0.924), ("stage1_test", 0.985, 0.93)]}
+
+# CTE-NHD (dropout 0.1) and F1 of the whole nuclei study (seven targets, twelve-model bank).
+STUDY_NHD = {
+    "dsb2018_fluo_256": [
+        ("coelho_nih3t3", 0.9233, 0.517), ("coelho_u2os", 0.9542, 0.731), ("fluo360", 0.9932, 0.908),
+        ("fluo360_deconv", 0.9907, 0.891), ("fluo360_deconv_s2", 0.9930, 0.899),
+        ("fluo_other", 0.9878, 0.887), ("fluo_u2os520", 0.9892, 0.875),
+        ("fluo_u2os520_noaug", 0.9932, 0.915), ("stage1_test", 0.9824, 0.847)
+    ],
+    "dsb2018_fluo_360": [
+        ("coelho_nih3t3", 0.9865, 0.882), ("coelho_u2os", 0.9947, 0.913), ("fluo256", 0.9841, 0.773),
+        ("fluo256_bn", 0.9687, 0.715), ("fluo256_bn_s2", 0.9767, 0.810), ("fluo_other", 0.9971, 0.970),
+        ("fluo_u2os520", 0.9980, 0.971), ("fluo_u2os520_noaug", 0.9980, 0.972),
+        ("stage1_test", 0.9779, 0.880)
+    ],
+    "dsb2018_fluo_u2os_520": [
+        ("coelho_nih3t3", 0.9812, 0.790), ("coelho_u2os", 0.9913, 0.858), ("fluo256", 0.9936, 0.914),
+        ("fluo256_bn", 0.9853, 0.897), ("fluo256_bn_s2", 0.9883, 0.908), ("fluo360", 0.9971, 0.965),
+        ("fluo360_deconv", 0.9973, 0.962), ("fluo360_deconv_s2", 0.9976, 0.964),
+        ("fluo_other", 0.9955, 0.959), ("stage1_test", 0.9897, 0.904)
+    ],
+    "dsb2018_fluo_other": [
+        ("coelho_nih3t3", 0.9743, 0.697), ("coelho_u2os", 0.9795, 0.801), ("fluo256", 0.9828, 0.749),
+        ("fluo256_bn", 0.9618, 0.613), ("fluo256_bn_s2", 0.9716, 0.738), ("fluo360", 0.9875, 0.804),
+        ("fluo360_deconv", 0.9878, 0.825), ("fluo360_deconv_s2", 0.9906, 0.831),
+        ("fluo_u2os520", 0.9853, 0.848), ("fluo_u2os520_noaug", 0.9788, 0.720),
+        ("stage1_test", 0.9740, 0.794)
+    ],
+    "dsb2018_stage1_test": [
+        ("coelho_nih3t3", 0.9645, 0.582), ("coelho_u2os", 0.9832, 0.747), ("fluo256", 0.9878, 0.806),
+        ("fluo256_bn", 0.9731, 0.749), ("fluo256_bn_s2", 0.9810, 0.843), ("fluo360", 0.9936, 0.804),
+        ("fluo360_deconv", 0.9924, 0.835), ("fluo360_deconv_s2", 0.9941, 0.830),
+        ("fluo_other", 0.9922, 0.866), ("fluo_u2os520", 0.9901, 0.800),
+        ("fluo_u2os520_noaug", 0.9929, 0.834)
+    ],
+    "coelho2009_u2os": [
+        ("coelho_nih3t3", 0.9875, 0.958), ("fluo256", 0.9787, 0.752), ("fluo256_bn", 0.9592, 0.507),
+        ("fluo256_bn_s2", 0.9650, 0.712), ("fluo360", 0.9970, 0.937),
+        ("fluo360_deconv", 0.9980, 0.949), ("fluo360_deconv_s2", 0.9977, 0.945),
+        ("fluo_other", 0.9972, 0.949), ("fluo_u2os520", 0.9951, 0.929),
+        ("fluo_u2os520_noaug", 0.9935, 0.924), ("stage1_test", 0.9850, 0.930)
+    ],
+    "coelho2009_nih3t3": [
+        ("coelho_u2os", 0.9875, 0.958), ("fluo256", 0.9624, 0.585), ("fluo256_bn", 0.9338, 0.284),
+        ("fluo256_bn_s2", 0.9277, 0.510), ("fluo360", 0.9958, 0.914),
+        ("fluo360_deconv", 0.9962, 0.929), ("fluo360_deconv_s2", 0.9952, 0.931),
+        ("fluo_other", 0.9947, 0.943), ("fluo_u2os520", 0.9944, 0.916),
+        ("fluo_u2os520_noaug", 0.9886, 0.878), ("stage1_test", 0.9703, 0.814)
+    ],
+}
+# Two of its targets: coelho2009_u2os (eleven candidates, six of them within 0.005 CTE-NHD), and
+# coelho2009_nih3t3, where fluo256_bn is flagged.
+CLUSTERED_11 = {"coelho_u2os": STUDY_NHD["coelho2009_u2os"]}
+NIH3T3_11 = STUDY_NHD["coelho2009_nih3t3"]
 
 
 def _label_geometry(fig):
@@ -231,6 +279,59 @@ def test_point_labels_do_not_overlap(tmp_path, seen, case):
             assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
             assert not any(a.overlaps(b) for b in boxes[i + 1:])
             assert not any(a.x0 < x < a.x1 and a.y0 < y < a.y1 for x, y in dots)
+
+
+def test_point_labels_keep_off_the_legend(tmp_path):
+    # A panel with a flagged model has a legend; names must not be placed under it.
+    from matplotlib.text import Text
+
+    hits, save = [], plots._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        legends = 0
+        for ax in fig.axes:
+            if ax.get_legend() is None:
+                continue
+            legends += 1
+            box = ax.get_legend().get_window_extent(r)
+            hits.extend(c.get_text() for c in ax.get_children()
+                        if c.__class__.__name__ == "Annotation" and Text.get_window_extent(c, r).overlaps(box))
+        assert legends
+        return save(fig, path)
+
+    pts = {**CLUSTERED_11, "fluo_256": CLUSTERED["fluo_256"], "coelho_nih3t3": NIH3T3_11}
+    flagged = {t: [v[0][0], v[-1][0]] for t, v in pts.items()}
+    flagged["coelho_nih3t3"] = ["fluo256_bn"]  # as in the study: the legend's "best" place moved
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_save", keep)
+        plots.score_vs_performance(pts, tmp_path / "p.png", xlabel="x", ylabel="y", panels=True, highlight=flagged)
+    assert hits == []
+
+
+def test_legend_stays_where_the_labels_were_placed(tmp_path, monkeypatch):
+    # Labels are placed at the screen resolution, the PNG is drawn at 150 dpi. A "best" legend
+    # was placed anew at 150 dpi: in the study's coelho2009_nih3t3 panel it moved from the upper
+    # left to the upper middle, onto coelho_u2os's name. Its place must not depend on the dpi.
+    where, save = [], plots._save
+
+    def keep(fig, path):
+        for dpi in (fig.dpi, 150):
+            fig.set_dpi(dpi)
+            fig.canvas.draw()
+            r = fig.canvas.get_renderer()
+            where.append([tuple(ax.transAxes.inverted().transform(ax.get_legend().get_window_extent(r).p0))
+                          for ax in fig.axes if ax.get_legend() is not None])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.score_vs_performance(STUDY_NHD, tmp_path / "p.png", xlabel="CTE-NHD", ylabel="F1", title="CTE-NHD vs F1",
+                               highlight={"coelho2009_nih3t3": ["fluo256_bn"]},
+                               notes={t: "S_rho 0.00" for t in STUDY_NHD})
+    before, after = where
+    assert len(before) == 1
+    np.testing.assert_allclose(before, after, atol=0.01)
 
 
 def test_far_labels_get_a_leader_line_to_their_point(tmp_path, seen):
