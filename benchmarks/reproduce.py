@@ -155,7 +155,8 @@ def _fmt(x: Any, nd: int = 2) -> str:
 
 
 def bank_table(facts: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["| model | source domain | features | layers, upsampling | steps | patch | augment | val F1 | train s | size kB |",
+    lines = ["| model | source domain | features | layers, upsampling | steps | patch | augment | val F1 | train s "
+             "| size kB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for f in facts:
         lines.append(f"| {f['name']} | {f['source']} | {f['features']} | {f['layer_order']}, {f['upsampling']} | "

@@ -99,9 +99,9 @@ def place_labels(fig, labels) -> None:
 
     Greedy, in display space, once the layout is final: each label (in the order given) takes the
     first offset of ``LABEL_OFFSETS`` whose text box is inside its axes and clear of every point,
-    of its axes' legend and of the labels already placed; where none is, the one overlapping least. A label that ends
-    up beyond the nearest ring is joined to its point by a thin line (gid ``LEADER_GID``), so that
-    in a cluster each name can still be traced to its point.
+    of its axes' legend and of the labels already placed; where none is, the one overlapping
+    least. A label that ends up beyond the nearest ring is joined to its point by a thin line (gid
+    ``LEADER_GID``), so that in a cluster each name can still be traced to its point.
     """
     if not labels:
         return
@@ -116,14 +116,14 @@ def place_labels(fig, labels) -> None:
         return w * h if w > 0 and h > 0 else 0.0
 
     legends = {}
-    for ann in labels:
-        leg = ann.axes.get_legend()
-        if leg is not None and ann.axes not in legends:
+    for ax in dict.fromkeys(ann.axes for ann in labels):
+        leg = ax.get_legend()
+        if leg is not None:
             e = leg.get_window_extent(renderer)
-            legends[ann.axes] = (e.x0, e.y0, e.x1, e.y1)
-            # Pin a "best" legend where it is now: it would otherwise move away from the leader
-            # lines drawn below, onto labels placed around it.
-            leg.set_loc(tuple(ann.axes.transAxes.inverted().transform((e.x0, e.y0))))
+            legends[ax] = (e.x0, e.y0, e.x1, e.y1)
+            # Pin a "best" legend where it is now: it is placed anew at every draw (the PNG is
+            # drawn at another dpi, and after the leader lines below), and could land on labels.
+            leg.set_loc(tuple(ax.transAxes.inverted().transform((e.x0, e.y0))))
     placed: list[tuple[float, float, float, float]] = []
     for ann in labels:
         frame = ann.axes.get_window_extent(renderer)
