@@ -175,6 +175,11 @@ def final_entries(key: str) -> list[Entry]:
 
 # -- files ----------------------------------------------------------------------------------------
 def sha256_of(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if path.is_dir():
+        raise CTEError("is a folder, not a weights file (a bioimage.io package folder is --format bioimageio)", path)
+    if not path.is_file():
+        raise CTEError("file not found", path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

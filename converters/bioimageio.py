@@ -402,6 +402,64 @@ def _slug(name: str) -> str:
     return s or "model"
 
 
+def _as_byxc(a: np.ndarray, axes: str, where) -> np.ndarray:
+    """A test tensor with axis letters ``axes`` (b, c, y, x) as (b y x c)."""
+    if a.ndim != len(axes) or set(axes) - set("bcyx"):
+        raise CTEError(f"test tensor of shape {a.shape} does not fit axes {axes!r}", where)
+    for letter in "bc":
+        if letter not in axes:
+            a, axes = a[None], letter + axes
+    return np.moveaxis(a, [axes.index(c) for c in "byxc"], range(4)).astype(np.float32)
+
+
+def check_test_output(pkg: Package, model, provenance: dict, *, normalize_given: bool) -> None:
+    """Run the package's test input through the converted ``model`` (its normalisation, then the
+    network with the description's postprocessing) and compare with the package's test output.
+
+    Records ``test_output_max_abs_diff`` (or why there was no check) in ``provenance``.
+
+    Raises:
+      CTEError: the difference exceeds the tolerance of :mod:`converters.onnx_model` (relative
+        to the output's scale): the converted model does not compute what the package does.
+    """
+    import jax
+
+    from converters.onnx_model import VERIFY_TOLERANCE
+    from cte_jax.preprocess import Normalization, normalize
+
+    if normalize_given:
+        provenance["test_output_check"] = "skipped: --normalize replaces the package's preprocessing"
+        return
+    if pkg.test_input is None or pkg.test_output is None:
+        provenance["test_output_check"] = "skipped: the package has no test tensors"
+        return
+    for f in (pkg.test_input, pkg.test_output):
+        if not f.is_file():
+            raise CTEError("test tensor named in the description is missing", f)
+    try:
+        x = _as_byxc(np.load(pkg.test_input), pkg.input_axes, pkg.test_input)
+        ref = _as_byxc(np.load(pkg.test_output), pkg.output_axes, pkg.test_output)
+    except ValueError as e:  # not an .npy file
+        raise CTEError(f"unreadable test tensor: {e}", pkg.test_input) from None
+    norm = Normalization.from_dict(model.normalization)
+    x = np.stack([normalize(img, norm) for img in x])
+    if model.is_black_box:
+        y = model.predict(x)
+    else:
+        from cte_jax.networks import UNet
+
+        y = np.asarray(jax.jit(UNet(model.spec).apply)(model.variables, x))
+    if y.shape != ref.shape:
+        raise CTEError(f"the converted model outputs {y.shape} (b y x c) for the test input, the package's "
+                       f"test output is {ref.shape}", pkg.test_output)
+    diff = float(np.max(np.abs(y - ref)))
+    tol = VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(ref))))
+    if not diff <= tol:
+        raise CTEError(f"the converted model does not reproduce the package's test output: max abs difference "
+                       f"{diff:.3g} (tolerance {tol:.3g}); nothing was written", pkg.test_output)
+    provenance["test_output_max_abs_diff"] = diff
+
+
 def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.PathLike | None,
             bank: str | os.PathLike | None = None, overwrite: bool = False, black_box: bool = False,
             weights: str | None = None, task: str = "foreground", channel: int = 0) -> Path:
@@ -439,7 +497,8 @@ def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.P
             "bioimageio_name": pkg.name, "license": pkg.rdf.get("license"),
             "normalization_from": "--normalize" if normalize is not None else "description preprocessing"}
         if black_box:
-            return _black_box(pkg, target, norm, provenance, overwrite, task, channel, "--black-box")
+            return _black_box(pkg, target, norm, provenance, overwrite, task, channel, "--black-box",
+                              normalize_given=normalize is not None)
         order = [weights] if weights else [f for f in WEIGHT_ORDER if f in pkg.weights]
         unsupported = sorted(set(pkg.weights) - set(WEIGHT_ORDER))
         if not order:
@@ -460,17 +519,24 @@ def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.P
             provenance.update(info)
             if reasons:
                 provenance["skipped_weights"] = reasons
+            from cte_jax.modelio import Model
+
+            check_test_output(pkg, Model(name=pkg.name, normalization=norm, spec=spec, variables=variables), provenance,
+                              normalize_given=normalize is not None)
             return C.write_grey_box(out=target, spec=spec, variables=variables, normalization=norm,
                                     provenance=provenance, task=task, channel=channel, overwrite=overwrite)
         if "onnx" in pkg.weights and (weights in (None, "onnx")):
-            return _black_box(pkg, target, norm, provenance, overwrite, task, channel, "; ".join(reasons))
+            return _black_box(pkg, target, norm, provenance, overwrite, task, channel, "; ".join(reasons),
+                              normalize_given=normalize is not None)
         extra = f" (also unsupported: {unsupported})" if unsupported else ""
         raise CTEError("no usable weights: " + "; ".join(reasons) + extra, pkg.rdf_path)
 
 
 def _black_box(pkg: Package, target: Path, norm: dict, provenance: dict, overwrite: bool, task: str, channel: int,
-               reason: str) -> Path:
+               reason: str, *, normalize_given: bool) -> Path:
     from converters import onnx_model
+    from cte_jax.blackbox import onnx_predictor
+    from cte_jax.modelio import Model
 
     if "onnx" not in pkg.weights:
         raise CTEError(f"a black-box model needs onnx weights; the package has {sorted(pkg.weights)}", pkg.rdf_path)
@@ -483,4 +549,11 @@ def _black_box(pkg: Package, target: Path, norm: dict, provenance: dict, overwri
                   "weights_sha256": C.sha256_of(path), "black_box_reason": reason}
     desc = onnx_model.black_box_description(path, final_activation=post, normalization=norm, task=task,
                                             channel=channel, provenance=provenance, axes=axes)
+    # checked as the package computes it: graph, then the description's postprocessing
+    check_test_output(pkg, Model(name=pkg.name, normalization=norm, predict=onnx_predictor(path, desc, raw=True)), provenance,
+                      normalize_given=normalize_given)
+    graph_final = onnx_model.output_activation(onnx_model.load(path))
+    provenance["graph_final_activation"] = graph_final
+    if post is None and graph_final is None:  # logits: the sigmoid a grey-box network would get
+        desc["postprocessing"] = "sigmoid"
     return C.write_black_box(out=target, onnx_file=path, description=desc, overwrite=overwrite)

@@ -86,6 +86,19 @@ def _dims(value_info) -> list:
     return dims
 
 
+def output_activation(model) -> str | None:
+    """``sigmoid`` / ``softmax`` when the graph's (first) output comes out of one, looking through
+    Identity and Cast nodes; None when it is anything else, i.e. the graph outputs logits."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    node = producers.get(g.output[0].name) if g.output else None
+    while node is not None and node.op_type in ("Identity", "Cast") and node.input:
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type in ("Sigmoid", "Softmax"):
+        return node.op_type.lower()
+    return None
+
+
 def graph_facts(model, path=None) -> GraphFacts:
     g = model.graph
     init_names = {i.name for i in g.initializer}
@@ -95,13 +108,7 @@ def graph_facts(model, path=None) -> GraphFacts:
     counts = collections.Counter(n.op_type for n in g.node)
     acts = {"Relu": "r", "LeakyRelu": "l", "Elu": "e"}
     present = [a for a in acts if counts.get(a)]
-    producers = {o: n for n in g.node for o in n.output}
-    final = None
-    out_node = producers.get(g.output[0].name)
-    while out_node is not None and out_node.op_type in ("Identity", "Cast"):
-        out_node = producers.get(out_node.input[0])
-    if out_node is not None and out_node.op_type in ("Sigmoid", "Softmax"):
-        final = out_node.op_type.lower()
+    final = output_activation(model)
     if len(present) > 1:
         raise NotRecognised(f"several activation kinds {present}")
     if counts.get("Sigmoid", 0) - (final == "sigmoid") > 0 or counts.get("Softmax", 0) - (final == "softmax") > 0:
@@ -263,16 +270,15 @@ def convert(source: str | os.PathLike, *, arch: Any = None, normalize: Any = Non
             return C.write_grey_box(out=target, spec=spec, variables=variables, normalization=norm,
                                     provenance=provenance, task=task, channel=channel, overwrite=overwrite)
     model = load(source)
-    facts_final = None
-    try:
-        facts_final = graph_facts(model, source).final_activation
-    except NotRecognised:
-        pass
     in_shape = _dims([i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}][0])
     cin = in_shape[1] if len(in_shape) == 4 and in_shape[1] else 1
     norm = C.normalization_dict(normalize, default=DEFAULT_NORMALIZE, in_channels=cin, source=source)
     provenance["black_box_reason"] = reason
-    # the graph's own sigmoid/softmax is part of the graph: nothing to add after it
-    desc = black_box_description(source, final_activation=None, normalization=norm, task=task, channel=channel,
-                                 provenance={**provenance, "graph_final_activation": facts_final})
+    graph_final = output_activation(model)
+    provenance["graph_final_activation"] = graph_final
+    # The graph's own sigmoid/softmax is part of the graph: nothing to add after it. A graph that
+    # ends anywhere else outputs logits, which get the sigmoid a grey-box network without a final
+    # activation gets (cte_jax.networks.probabilities).
+    desc = black_box_description(source, final_activation=None if graph_final else "sigmoid", normalization=norm,
+                                 task=task, channel=channel, provenance=provenance)
     return C.write_black_box(out=target, onnx_file=source, description=desc, overwrite=overwrite)

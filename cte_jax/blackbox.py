@@ -11,6 +11,9 @@ import numpy as np
 from cte_jax.errors import CTEError
 
 
+PROBABILITY_SLACK = 1e-3  # how far outside [0, 1] float rounding may take a graph's own sigmoid
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow warnings
 
@@ -20,23 +23,27 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return z / z.sum(axis=axis, keepdims=True)
 
 
-def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any]
+def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any], *, raw: bool = False
                    ) -> Callable[[np.ndarray], np.ndarray]:
     """A host function running an ONNX model on normalised images.
 
     The returned ``predict(x)`` takes ``x`` (b h w c) float32, already normalised with the model's
     preprocessing, and returns (b h w c_out) float32: the graph's output, in the layout
     ``description["onnx_io"]["axes"]`` says (default ``bcyx``), moved to NHWC, then
-    ``description["postprocessing"]`` (``"sigmoid"``, ``"softmax"`` over channels, or None).
+    ``description["postprocessing"]`` (``"sigmoid"``, ``"softmax"`` over channels, or None, when the
+    graph's output must already be probabilities).
     A graph with a fixed batch size runs image by image; one with a fixed spatial size takes
     smaller images mirror-padded to that size (and cropped back) and refuses larger ones.
 
     Args:
       onnx_path: the ``.onnx`` file.
       description: the model directory's ``model.json`` contents.
+      raw: return whatever the graph (and postprocessing) computes, without the [0, 1] check
+        (converters compare it with a package's test output).
 
     Raises:
-      CTEError: onnxruntime missing, or an unreadable graph.
+      CTEError: onnxruntime missing, or an unreadable graph; from ``predict``, outputs outside
+        [0, 1] with no postprocessing.
     """
     try:
         import onnxruntime as ort
@@ -93,6 +100,12 @@ def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any]
             y = _sigmoid(y)
         elif post == "softmax":
             y = _softmax(y, axis=-1)
+        elif not raw and y.size and (y.min() < -PROBABILITY_SLACK or y.max() > 1 + PROBABILITY_SLACK):
+            # Thresholding logits at 0.5 would score a different segmentation than the model's.
+            raise CTEError(f"the ONNX graph outputs values in [{y.min():.3g}, {y.max():.3g}], not probabilities, "
+                           f"and model.json sets no postprocessing: set \"postprocessing\": \"sigmoid\" there if "
+                           f"they are logits (cte-jax convert does so for graphs that do not end in a sigmoid)",
+                           path.parent / "model.json")
         return np.ascontiguousarray(y, dtype=np.float32)
 
     return predict

@@ -332,7 +332,30 @@ def cmd_convert(args) -> int:
                              out=args.out, bank=args.bank, overwrite=args.overwrite, black_box=args.black_box,
                              task=args.task, channel=args.channel, weights=args.weights)
     print(f"wrote model directory {out}")
+    for line in _conversion_facts(json.loads((out / "model.json").read_text())):
+        print(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    "))
     return 0
+
+
+def _conversion_facts(desc: dict) -> list[str]:
+    """What a user should know about a converted model: its kind, its outputs, how it was checked."""
+    prov = desc.get("provenance") or {}
+    lines = []
+    if "onnx" in desc:
+        lines.append(f"black box, run by onnxruntime ({prov.get('black_box_reason', 'black box')}): it is scored "
+                     f"with input perturbations only (e.g. --perturbation noise:0.01-0.03), not bottleneck dropout")
+        if desc.get("postprocessing") == "sigmoid" and prov.get("graph_final_activation") is None:
+            lines.append("its graph ends without a sigmoid: a sigmoid is applied to its outputs (taken as logits)")
+    elif (desc.get("architecture") or {}).get("final_activation") is None:
+        lines.append("the network ends without an activation: its outputs are taken as logits, and ranking and "
+                     "prediction apply a sigmoid")
+    if "test_output_max_abs_diff" in prov:
+        lines.append(f"reproduces the package's test output (max abs difference {prov['test_output_max_abs_diff']:.2g})")
+    elif "test_output_check" in prov:
+        lines.append(f"test output not compared: {prov['test_output_check'].removeprefix('skipped: ')}")
+    if prov.get("verified_max_abs_diff") is not None:
+        lines.append(f"matches onnxruntime on a random input (max abs difference {prov['verified_max_abs_diff']:.2g})")
+    return lines
 
 
 def _register_convert(sub):

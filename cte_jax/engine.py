@@ -184,13 +184,9 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
         return jnp.stack([keys] + extra)
 
     def prob(logits):
-        from cte_jax.networks import activate
+        from cte_jax.networks import probabilities
 
-        logits = logits.astype(jnp.float32)
-        # A network without a final activation outputs logits (e.g. torch-em models trained with
-        # a sigmoid inside the loss): the metrics need probabilities, so apply the sigmoid here.
-        out = activate(plan.spec, logits) if plan.spec.final_activation else jax.nn.sigmoid(logits)
-        return jnp.take(out, channel, axis=-1)
+        return jnp.take(probabilities(plan.spec, logits.astype(jnp.float32)), channel, axis=-1)
 
     # Baselines of the clean pass alone need no perturbed pass: every perturbation's row is the
     # clean scores (rank --metric confidence entropy).

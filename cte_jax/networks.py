@@ -390,6 +390,10 @@ class UNet(nn.Module):
         """Features per level -> output (b h w c_out) after the final activation."""
         return activate(self.spec, self.decode_logits(feats, train))
 
+    def logits(self, x: Array, train: bool = False) -> Array:
+        """Image -> output (b h w c_out) before the final activation."""
+        return self.decode_logits(self.encode(x, train), train)
+
     def __call__(self, x: Array, train: bool = False) -> Array:
         return self.decode(self.encode(x, train), train)
 
@@ -415,11 +419,22 @@ def static_skip_channels(spec: UNetSpec, step: int) -> tuple[int, int] | None:
 
 
 def activate(spec: UNetSpec, logits: Array) -> Array:
+    """The network's own output: ``logits`` after its final activation (unchanged without one)."""
     if spec.final_activation == "sigmoid":
         return jax.nn.sigmoid(logits)
     if spec.final_activation == "softmax":
         return jax.nn.softmax(logits, axis=-1)
     return logits
+
+
+def probabilities(spec: UNetSpec, logits: Array) -> Array:
+    """Probabilities from ``logits``: the network's final activation, or a sigmoid when it has none.
+
+    A network without a final activation outputs logits (e.g. torch-em models trained with the
+    sigmoid inside the loss). Ranking, prediction and evaluation all threshold probabilities at
+    0.5, so they all read a network's output through this one rule.
+    """
+    return activate(spec, logits) if spec.final_activation else jax.nn.sigmoid(logits)
 
 
 def init_variables(spec: UNetSpec, key: Array, image_size: int = 64) -> dict:

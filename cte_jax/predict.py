@@ -12,13 +12,14 @@ from cte_jax import backend
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model, load_model
-from cte_jax.networks import UNet
+from cte_jax.networks import UNet, probabilities
 
 
 @functools.lru_cache(maxsize=None)
 def _forward(spec: UNetSpec):
+    """Probabilities of a batch, by the same rule as ranking (:func:`cte_jax.networks.probabilities`)."""
     net = UNet(spec)
-    return backend.jit(lambda v, x: net.apply(v, x))
+    return backend.jit(lambda v, x: probabilities(spec, net.apply(v, x, method=UNet.logits)))
 
 
 def predict_image(model: Model, image: np.ndarray, *, tile: int = 256, halo: int = 32,

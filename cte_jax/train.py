@@ -427,12 +427,9 @@ def make_eval_step(config: TrainConfig):
     """
     net = UNet(config.spec)
 
-    def logits_of(module, x):
-        return module.decode_logits(module.encode(x, train=False), train=False)
-
     @backend.jit
     def evaluate(params, batch_stats, x, y, w):
-        logits = net.apply(_variables(params, batch_stats), x, method=logits_of)[..., 0]
+        logits = net.apply(_variables(params, batch_stats), x, method=UNet.logits)[..., 0]
         t = y[..., 0]
         bce = optax.sigmoid_binary_cross_entropy(logits, t)
         p = jax.nn.sigmoid(logits)

@@ -45,7 +45,7 @@ def _images(b=2, h=9, w=7, seed=0):
 
 
 def test_dynamic_graph_matches_numpy(tmp_path):
-    predict = onnx_predictor(_graph(tmp_path), {"onnx_io": {"axes": "bcyx"}})
+    predict = onnx_predictor(_graph(tmp_path), {"onnx_io": {"axes": "bcyx"}}, raw=True)
     x = _images()
     y = predict(x)
     assert y.shape == (2, 9, 7, 3) and y.dtype == np.float32
@@ -65,7 +65,7 @@ def test_postprocessing(tmp_path, post):
 
 
 def test_fixed_shape_graph_pads_loops_and_refuses_larger(tmp_path):
-    predict = onnx_predictor(_graph(tmp_path, shape=(1, 1, 16, 16)), {})
+    predict = onnx_predictor(_graph(tmp_path, shape=(1, 1, 16, 16)), {}, raw=True)
     x = _images(b=3, h=10, w=12, seed=2)
     np.testing.assert_allclose(predict(x), _oracle(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="larger"):
@@ -92,13 +92,13 @@ def test_black_box_model_directory_loads(tmp_path):
 
     onnx_file = _graph(tmp_path)
     desc = {"task": "foreground", "channel": 2, "preprocessing": {"kind": "zscore", "in_channels": 1},
-            "provenance": {"test": True}, "postprocessing": None, "onnx_io": {"axes": "bcyx"}}
+            "provenance": {"test": True}, "postprocessing": "sigmoid", "onnx_io": {"axes": "bcyx"}}
     out = write_black_box(out=tmp_path / "bank" / "bb", onnx_file=onnx_file, description=desc)
     assert json.loads((out / "model.json").read_text())["onnx"] == "model.onnx"
     m = load_model(out)
     assert m.is_black_box and m.channel == 2
     x = _images(seed=3)
-    np.testing.assert_allclose(m.predict(x), _oracle(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m.predict(x), 1 / (1 + np.exp(-_oracle(x).astype(np.float64))), rtol=1e-5, atol=1e-6)
     assert [b.name for b in load_bank(tmp_path / "bank")] == ["bb"]
     with pytest.raises(CTEError, match="already exists"):
         write_black_box(out=out, onnx_file=onnx_file, description=desc)

@@ -147,6 +147,26 @@ def test_predict_npy_equals_network(setup, capsys, tmp_path):
     np.testing.assert_allclose(probs[0, 0], ref, atol=1e-6)
 
 
+def test_predict_of_a_logit_network_writes_probabilities(setup, capsys, tmp_path):
+    """A network without a final activation outputs logits; predict (and evaluate, which thresholds
+    its maps at 0.5) must see the probabilities that ranking sees: the sigmoid of the logits."""
+    import dataclasses
+
+    from cte_jax.modelio import load_model
+
+    spec = dataclasses.replace(SPEC, final_activation=None)
+    m = load_model(setup / "bank" / "m0")
+    save_model(Model(name="raw", normalization=NORM, spec=spec, variables=m.variables), tmp_path / "raw")
+    code, out, err = _run(capsys, "predict", "--model", tmp_path / "raw", "--input", setup / "target",
+                          "--out", tmp_path / "p.npy", "--quiet")
+    assert code == 0, err
+    x = normalize(np.asarray(Image.open(setup / "target" / "t0.png"))[..., None], Normalization.from_dict(NORM))
+    x = np.pad(x, ((0, 64 - 36), (0, 64 - 40), (0, 0)), mode="reflect")
+    logits = np.asarray(UNet(spec).apply(m.variables, x[None]), np.float64)[0, :36, :40, 0]
+    assert logits.min() < 0 or logits.max() > 1  # the raw output is not already in [0, 1]
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy")[0, 0], 1 / (1 + np.exp(-logits)), atol=1e-6)
+
+
 def test_predict_bad_suffix(setup, capsys, tmp_path):
     code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", setup / "target",
                           "--out", tmp_path / "p.png")

@@ -7,6 +7,7 @@ preprocessing computed here in NumPy.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -88,6 +89,24 @@ def test_fixed_shape_state_dict_reproduces_test_output(tmp_path):
     assert m.provenance["family"] == "torch-em"
     y = run_model(out, np.load(FIXED / "test_input.npy"))
     assert np.max(np.abs(y - np.load(FIXED / "test_output.npy"))) <= TOL
+    # the converter ran the same comparison itself and recorded it
+    assert 0 <= m.provenance["test_output_max_abs_diff"] <= TOL
+
+
+@needs_shared
+def test_package_whose_test_output_is_not_reproduced_is_refused(tmp_path):
+    """The converter runs the package's test input and compares with its test output: a package
+    whose output differs (here: replaced by a constant) is refused, with nothing written."""
+    pkg = _writable_copy(FIXED, tmp_path / "pkg")
+    ref = np.load(pkg / "test_output.npy")
+    np.save(pkg / "test_output.npy", np.full_like(ref, 0.5))
+    with pytest.raises(CTEError) as e:
+        converters.convert(pkg, format="bioimageio", out=tmp_path / "fixed")
+    assert "does not reproduce the package's test output" in str(e.value) and "test_output.npy" in str(e.value)
+    _no_leftovers(tmp_path, "fixed")
+    # --normalize replaces the package's preprocessing, so the comparison no longer applies
+    out = converters.convert(pkg, format="bioimageio", out=tmp_path / "fixed", normalize="zscore")
+    assert "--normalize" in json.loads((out / "model.json").read_text())["provenance"]["test_output_check"]
 
 
 @needs_shared

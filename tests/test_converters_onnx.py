@@ -114,8 +114,18 @@ def test_black_box_on_request_and_errors(tmp_path):
     desc = json.loads((out / "model.json").read_text())
     assert desc["provenance"]["black_box_reason"] == "--black-box"
     assert desc["onnx_io"]["input_shape"] == [1, 1, 32, 32]
+    # The graph ends in a convolution: it outputs logits, and gets the sigmoid that a grey-box
+    # network without a final activation gets, so both kinds score the same probabilities.
+    assert desc["postprocessing"] == "sigmoid" and desc["provenance"]["graph_final_activation"] is None
     x = np.random.default_rng(2).standard_normal((2, 1, 32, 32)).astype(np.float32)
-    assert np.max(np.abs(_predict(out, x) - _torch(model, x))) <= TOL
+    logits = _torch(model, x).astype(np.float64)
+    assert np.max(np.abs(_predict(out, x) - 1 / (1 + np.exp(-logits)))) <= TOL
+    # A model.json that claims probabilities for a logit graph is refused at run time, by name.
+    desc["postprocessing"] = None
+    (out / "model.json").write_text(json.dumps(desc))
+    with pytest.raises(CTEError) as e:
+        _predict(out, x)
+    assert "model.json" in str(e.value) and "not probabilities" in str(e.value)
     # a damaged file: clear error, nothing written
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(path.read_bytes()[:200])
