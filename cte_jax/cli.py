@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cte_jax.errors import CTEError
+from cte_jax.files import as_if_created
 
 DEMO = Path(__file__).resolve().parent / "demo"
 EXIT_USAGE = 2
@@ -67,6 +68,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[io.TextIOBase | Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        as_if_created(tmp)
         if binary_path:
             write(Path(tmp))
         else:

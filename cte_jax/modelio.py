@@ -15,6 +15,7 @@ import numpy as np
 
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
+from cte_jax.files import as_if_created
 
 FORMAT = "cte_jax.model/1"
 TASKS = ("foreground", "boundary")
@@ -144,6 +145,7 @@ def write_model_dir(out: str | os.PathLike, fill: Callable[[Path], None], *, ove
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        as_if_created(tmp)
         fill(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cte_jax.files import as_if_created
+
 # (model name, estimator score, true performance)
 Point = tuple[str, float, float]
 
@@ -67,6 +69,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
+        as_if_created(tmp)
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:

@@ -167,6 +167,29 @@ def test_predict_of_a_logit_network_writes_probabilities(setup, capsys, tmp_path
     np.testing.assert_allclose(np.load(tmp_path / "p.npy")[0, 0], 1 / (1 + np.exp(-logits)), atol=1e-6)
 
 
+def test_outputs_and_model_directories_follow_the_umask(setup, capsys, tmp_path):
+    """Written through private temporaries, outputs must still end up as open() / mkdir() would
+    have made them: readable by the group and others under umask 022."""
+    import os
+    import stat
+
+    from cte_jax.modelio import load_model
+
+    old = os.umask(0o022)
+    try:
+        code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet",
+                              "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
+        assert code == 0, err
+        code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", setup / "target",
+                              "--out", tmp_path / "p.npy", "--quiet")
+        assert code == 0, err
+        save_model(load_model(setup / "bank" / "m0"), tmp_path / "copy")
+    finally:
+        os.umask(old)
+    for name, mode in [("r.json", 0o644), ("r.csv", 0o644), ("p.npy", 0o644), ("copy", 0o755)]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
 def test_predict_bad_suffix(setup, capsys, tmp_path):
     code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", setup / "target",
                           "--out", tmp_path / "p.png")
