@@ -224,11 +224,12 @@ def cmd_rank(args) -> int:
                    shard=args.shard)
     if process != 0:  # process 0 prints and writes the gathered result
         return 0
-    print(_table(records, args.aggregate))
+    # files first: a reader that stops early (`| head`) must not cost them
     if args.json:
         _write_json(records, args.json)
     if args.csv:
         _write_csv(records, args.csv)
+    print(_table(records, args.aggregate))
     return 0
 
 
@@ -573,8 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cte-jax {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"cte-jax {args.command}: interrupted", file=sys.stderr)
+        saved = args.command == "rank" and (args.results or args.json or args.csv)
+        hint = "; run it again with --resume to continue from the scores saved so far" if saved else ""
+        print(f"cte-jax {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`| head`): nothing more to print, and no traceback on exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

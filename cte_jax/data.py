@@ -519,9 +519,18 @@ class Target:
         return self._items[int(i)]
 
     def read(self, i: int) -> np.ndarray:
-        """Image ``i`` as (h, w, c), c in {1, 3}, in the file's dtype (bool becomes uint8)."""
+        """Image ``i`` as (h, w, c), c in {1, 3}, in the file's dtype (bool becomes uint8).
+
+        Raises:
+          CTEError: unreadable, or a float image with NaN or infinite pixels (no normalisation
+            or score could use it), naming the file.
+        """
         it = self._item(i)
-        return it.source.read(it.k)
+        img = it.source.read(it.k)
+        if img.dtype.kind == "f" and not np.isfinite(img).all():
+            where = f"{it.source.path} [image {it.k}]" if it.source.count > 1 else it.source.path
+            raise CTEError(f"image contains {np.count_nonzero(~np.isfinite(img))} NaN or infinite pixels", where)
+        return img
 
     def shape(self, i: int) -> tuple[int, int, int]:
         """(h, w, c) of image ``i`` from the file's header, without decoding pixels."""
@@ -621,7 +630,7 @@ def _open_folder(folder: Path, *, labels: bool = False) -> Target:
     if not files:
         arrays = _find_arrays(folder)
         if arrays:
-            raise CTEError(f"no images found; it holds zarr/N5 arrays, choose one with dataset= "
+            raise CTEError(f"no images found; it holds zarr/N5 arrays, choose one with --dataset (dataset= in Python) "
                            f"(found: {', '.join(arrays)})", folder)
         raise CTEError("no images found (expected .png, .tif or .tiff files)", folder)
     stems = collections.Counter(_stem(p) for p in files)
@@ -683,7 +692,7 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
         if _is_container(path) and not _image_files(path):
             found = _find_arrays(path)
             hint = f"found: {', '.join(found)}" if found else "none found"
-            raise CTEError(f"is a zarr/N5 group, not an array; choose an array with dataset= ({hint})", path)
+            raise CTEError(f"is a zarr/N5 group, not an array; choose an array with --dataset (dataset= in Python) ({hint})", path)
         return _open_folder(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -721,7 +730,7 @@ def open_labelled(path: str | os.PathLike, *, split: str = "all") -> tuple[Targe
     else:
         split_path = root / SPLITS_FILE
         if not split_path.is_file():
-            raise CTEError(f"no {SPLITS_FILE}, needed for split {split!r} (use split='all')", root)
+            raise CTEError(f"no {SPLITS_FILE}, needed for split {split!r} (use --split all, or split='all' in Python)", root)
         try:
             splits = json.loads(split_path.read_text())
         except (OSError, ValueError) as exc:

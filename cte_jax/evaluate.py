@@ -142,6 +142,8 @@ def _check_options(perturbations, metrics, baselines, performance, correction, t
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise CTEError(f"unknown baseline {bad[0]!r}; choose from {', '.join(BASELINES)}")
+    if len(set(metrics)) != len(metrics) or len(set(baselines)) != len(baselines):
+        raise CTEError("a metric or baseline is given twice")
     if not metrics and not baselines:
         raise CTEError("nothing to evaluate: no metric and no baseline")
     try:

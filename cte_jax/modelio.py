@@ -214,5 +214,7 @@ def load_bank(path: str | os.PathLike) -> list[Model]:
     names = [m.name for m in models]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise CTEError(f"duplicate model names {dup}", path)
+        where = "; ".join(f"{n!r} in " + ", ".join(m.path.name for m in models if m.name == n) for n in dup)
+        raise CTEError(f"two model directories give their models the same name ({where}): "
+                       f"rename one's \"name\" in its model.json", path)
     return models

@@ -86,6 +86,8 @@ class Perturbation:
             raise ValueError(f"noise sigma must be >= 0, got {self.name}")
         if self.kind == "gamma" and self.lo <= 0:
             raise ValueError(f"gamma must be > 0, got {self.name}")
+        if self.kind == "contrast" and self.lo <= 0:
+            raise ValueError(f"contrast factor must be > 0 (1 leaves the image as it is), got {self.name}")
 
     @property
     def is_feature(self) -> bool:

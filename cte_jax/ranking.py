@@ -224,6 +224,8 @@ def _check_inputs(models: Sequence[Model], perts: Sequence[Perturbation], metric
     for m in metrics:
         if m not in engine.METRICS:
             raise CTEError(f"unknown metric {m!r}; choose from {', '.join(engine.METRICS)}")
+    if len(set(metrics)) != len(metrics):
+        raise CTEError("a metric is given twice")
     if not perts:
         raise CTEError("no perturbation given")
     if len({p.name for p in perts}) != len(perts):
@@ -311,6 +313,12 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
         raise CTEError(f"unknown shard mode {shard!r}; choose from {', '.join(parallel.SHARD_MODES)}")
     if resume and results is None:
         raise CTEError("resuming needs the results file of the interrupted run")
+    if not 0.0 < threshold < 1.0:
+        raise CTEError(f"threshold must lie between 0 and 1 (probabilities above it are foreground), got {threshold}")
+    if batch_size < 1:
+        raise CTEError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2 ** 32:
+        raise CTEError(f"seed must be a whole number from 0 to {2 ** 32 - 1}, got {seed}")
     # Environment variables that select kernels and sub-batches: refuse bad values before any work.
     backend.requested_kernels()
     chunk_pixels = engine.default_chunk_pixels()

@@ -92,12 +92,24 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
     (["--target", "EMPTY"], "no images"),
     (["--target", "BADCH"], "bad.tif"),
     (["--bank", "MISSING"], "not found"),
+    (["--target", "NAN"], "nan.tif: image contains 3 NaN or infinite pixels"),
+    (["--metric", "nhd", "nhd"], "a metric is given twice"),
+    (["--perturbation", "contrast:0"], "contrast factor must be > 0"),
+    (["--threshold", "1.5"], "threshold must lie between 0 and 1"),
+    (["--threshold", "0"], "threshold must lie between 0 and 1"),
+    (["--batch-size", "0"], "batch size must be at least 1"),
+    (["--seed", "99999999999999999999"], "seed must be a whole number"),
 ])
 def test_bad_input_one_line_exit_2_no_output(setup, capsys, tmp_path, args, expect):
     (tmp_path / "empty").mkdir()
     (tmp_path / "badch").mkdir()
     tifffile.imwrite(tmp_path / "badch" / "bad.tif", np.zeros((5, 32, 32, 5), np.uint8))
-    subst = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"), "BADCH": str(tmp_path / "badch")}
+    (tmp_path / "nan").mkdir()
+    bad = np.ones((32, 32), np.float32)
+    bad[3, :2], bad[5, 5] = np.nan, np.inf
+    tifffile.imwrite(tmp_path / "nan" / "nan.tif", bad)
+    subst = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"), "BADCH": str(tmp_path / "badch"),
+             "NAN": str(tmp_path / "nan")}
     args = [subst.get(a, a) for a in args]
     base = {"--bank": str(setup / "bank"), "--target": str(setup / "target")}
     for flag in base:
