@@ -238,7 +238,7 @@ class _TiffLayout:
     arrangement) reads the whole series once and cuts it.
     """
 
-    mode: str  # "pages" or "whole"
+    mode: str  # "pages", "whole" or "series" (one image per series)
     axes: str  # series axes as tifffile reports them
     shape: tuple[int, ...]  # series shape
     count: int  # number of 2D images
@@ -262,6 +262,8 @@ def _unlabelled_channels_last(tif, axes: str, shape: tuple[int, ...]) -> bool:
 def _tiff_layout(tif, path: Path) -> _TiffLayout:
     if not tif.series:
         raise CTEError("TIFF file holds no images", path)
+    if len(tif.series) > 1:
+        return _series_layout(tif, path)
     series = tif.series[0]
     axes, shape = series.axes, tuple(int(s) for s in series.shape)
     if _unlabelled_channels_last(tif, axes, shape):
@@ -298,8 +300,30 @@ def _tiff_layout(tif, path: Path) -> _TiffLayout:
     return _TiffLayout("whole", axes, shape, count, hw, channels)
 
 
+def _series_layout(tif, path: Path) -> _TiffLayout:
+    """Several series (e.g. tifffile.TiffWriter called once per image): one 2D image each, all of
+    one shape; anything else is refused rather than read in part."""
+    kinds = sorted({(sr.axes, tuple(int(n) for n in sr.shape)) for sr in tif.series})
+    first = tif.series[0]
+    axes, shape = first.axes, tuple(int(n) for n in first.shape)
+    if len(kinds) > 1 or axes not in ("YX", "YXS", "SYX"):
+        listed = ", ".join(f"{a} {sh}" for a, sh in kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        raise CTEError(f"TIFF holds {len(tif.series)} series ({listed}); only series that are single 2D images of "
+                       f"one shape are read together: save the others as separate files", path)
+    if any(n == 0 for n in shape):
+        raise CTEError(f"TIFF image is empty (TIFF axes {axes}, shape {shape})", path)
+    _check_dtype(first.dtype, path)
+    channels = shape[axes.index("S")] if "S" in axes else 1
+    if channels not in (1, 3, 4):
+        raise CTEError(f"image has {channels} channels (TIFF axes {axes}, shape {shape}), expected 1, 3 or 4 (RGBA)",
+                       path)
+    hw = (shape[axes.index("Y")], shape[axes.index("X")])
+    return _TiffLayout("series", axes, shape, len(tif.series), hw, channels, page_axes=axes)
+
+
 class _TiffFile(_Source):
-    """A TIFF image or stack: its first series cut into 2D images along every non-YX, non-channel axis.
+    """A TIFF image or stack: its series cut into 2D images along every non-YX, non-channel axis
+    (a file of several series: one 2D image per series).
 
     The axes are the ones tifffile reports (ImageJ hyperstacks: ``ZCYX`` etc.; RGB pages: ``S``);
     a channel axis is ``S`` (samples) or ``C``, moved last.
@@ -327,7 +351,13 @@ class _TiffFile(_Source):
         with _TIFF_HANDLES.lock:
             try:
                 tif = _TIFF_HANDLES.get(self, self.path)
-                arr = self._read_pages(tif, k) if self.layout.mode == "pages" else self._read_whole(tif, k)
+                if self.layout.mode == "series":
+                    arr = tif.series[k].asarray()
+                    arr = np.moveaxis(arr, 0, -1) if self.layout.page_axes == "SYX" else arr
+                elif self.layout.mode == "pages":
+                    arr = self._read_pages(tif, k)
+                else:
+                    arr = self._read_whole(tif, k)
             except CTEError:
                 raise
             except Exception as exc:

@@ -229,6 +229,24 @@ def test_tiff_stack_3d_cut_into_slices(tmp_path):
     np.testing.assert_array_equal(t.read(7), stack[7][:, :, None])  # reopens after close
 
 
+def test_tiff_of_several_series_reads_every_image(tmp_path):
+    """tifffile.TiffWriter.write once per image makes one series per image: all are images, and
+    series of different shapes are refused rather than read in part. LZW pages decode too."""
+    imgs = [_rand((8, 10), np.uint16) for _ in range(4)]
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tw:
+        for a in imgs:
+            tw.write(a, compression="lzw")
+    t = open_target(tmp_path / "pages.tif")
+    assert len(t) == 4 and t.shape(2) == (8, 10, 1)
+    for k in (3, 0, 2):
+        np.testing.assert_array_equal(t.read(k), imgs[k][:, :, None])
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tw:
+        tw.write(imgs[0])
+        tw.write(_rand((5, 5), np.uint16))
+    with pytest.raises(CTEError, match="2 series"):
+        open_target(tmp_path / "mixed.tif")
+
+
 def test_tiff_stack_4d_rgb_and_imagej_channels(tmp_path):
     rgb = _rand((3, 6, 7, 3))
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
