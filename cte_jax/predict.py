@@ -60,6 +60,9 @@ def predict_to_file(model_dir, input_path, out, *, batch_size: int = 4, dataset:
     target = data.open_target(input_path, dataset=dataset)
     if len(target) == 0:
         raise CTEError("no images", input_path)
+    sizes = {target.shape(i)[:2] for i in range(len(target))}  # from the headers: refuse before predicting
+    if suffix != ".npz" and len(sizes) > 1:
+        raise CTEError(f"images have different sizes {sorted(sizes)}; write .npz instead", out)
     from tqdm.auto import tqdm
 
     maps = {}
@@ -73,9 +76,6 @@ def predict_to_file(model_dir, input_path, out, *, batch_size: int = 4, dataset:
             except ValueError as e:
                 raise CTEError(str(e), f"{input_path} [{name}]") from None
         maps[name] = np.moveaxis(predict_image(model, img, batch_size=batch_size), -1, 0).astype(np.float32)
-    shapes = {m.shape for m in maps.values()}
-    if suffix != ".npz" and len(shapes) > 1:
-        raise CTEError(f"images have different sizes {sorted(shapes)}; write .npz instead", out)
 
     def write(tmp: Path):
         if suffix == ".npz":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import queue
 import threading
@@ -287,7 +288,8 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
 
     Returns:
       One record per (model, perturbation, metric): ``{model, perturbation, metric, score, rank,
-      n_scored, n_skipped, architecture}``, plus ``foreground_fraction``, ``low_foreground`` and
+      n_scored, n_skipped, n_images, architecture}`` (``n_scored`` counts images or tiles,
+      ``n_images`` the images they come from), plus ``foreground_fraction``, ``low_foreground`` and
       ``high_foreground`` when the model predicted on some image, and ``note`` for a black box
       under a feature perturbation; rank 1 is the most consistent model of that (perturbation,
       metric). ``score`` is None when no image could be scored; ``architecture`` (channels per
@@ -433,39 +435,66 @@ def _subset(executor, g: _Group, pos: np.ndarray, batch_size: int):
     return g.subsets[k]
 
 
-def order_support(a: np.ndarray, b: np.ndarray, *, aggregate: str = "median", n_resamples: int = ORDER_RESAMPLES,
-                  seed: int = 0) -> float | None:
+def order_support(a: np.ndarray, b: np.ndarray, *, images: np.ndarray | None = None, aggregate: str = "median",
+                  n_resamples: int = ORDER_RESAMPLES, seed: int = 0) -> float | None:
     """How firmly the images put model ``a`` above model ``b``: the share of paired bootstrap
-    resamples of the units in which ``a``'s aggregate score is above ``b``'s (ties count half).
+    resamples of the target's images in which ``a``'s aggregate score is above ``b``'s (ties
+    count half).
 
     Near 1, another draw of target images would very likely keep the order; near 0.5 the two
     models are within image-to-image noise of each other. It measures sampling noise only, not
     whether consistency orders the two models as their true performance would.
 
     Args:
-      a, b: (n,) scores of the two models on the same n units, in the same order.
+      a, b: (n,) scores of the two models on the same n units (images or tiles), in the same order.
+      images: (n,) the image each unit comes from (default: every unit is its own image). Tiles
+        of one image are not independent draws: a resample draws images, with all their tiles.
       aggregate: ``median`` or ``mean``, as the ranking's score.
-      n_resamples: bootstrap resamples (units drawn with replacement, the same draw for both);
+      n_resamples: bootstrap resamples (images drawn with replacement, the same draw for both);
         beyond ``ORDER_MAX_DRAWS / n`` units only that many, and at least ``ORDER_MIN_RESAMPLES``.
       seed: seeds the draws; ``order_support(a, b) + order_support(b, a) == 1`` for one seed.
 
     Returns:
-      The share in [0, 1], or None with no units.
+      The share in [0, 1], or None with fewer than two images (nothing to resample).
     """
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     n = a.shape[0]
-    if n == 0:
+    groups = np.arange(n) if images is None else np.unique(np.asarray(images), return_inverse=True)[1].ravel()
+    g = int(groups.max()) + 1 if n else 0
+    if g < 2:
         return None
     n_resamples = min(n_resamples, max(ORDER_MIN_RESAMPLES, ORDER_MAX_DRAWS // n))
-    agg = np.median if aggregate == "median" else np.mean
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_resamples, _CHUNK_DRAWS // n))
+    if g == n:  # one unit per image: draw units directly
+        agg = np.median if aggregate == "median" else np.mean
+        pick = lambda x, idx: agg(x[idx], axis=1)  # noqa: E731
+    else:
+        pick = functools.partial(_resampled_aggregate, groups=groups, g=g, aggregate=aggregate)
     wins = 0.0
     for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n), dtype=np.int64 if n >= 2**31 else np.int32)
-        sa, sb = agg(a[idx], axis=1), agg(b[idx], axis=1)
+        idx = rng.integers(0, g, size=(min(chunk, n_resamples - start), g), dtype=np.int64 if g >= 2**31 else np.int32)
+        sa, sb = pick(a, idx), pick(b, idx)
         wins += np.count_nonzero(sa > sb) + 0.5 * np.count_nonzero(sa == sb)
     return wins / n_resamples
+
+
+def _resampled_aggregate(x: np.ndarray, idx: np.ndarray, *, groups: np.ndarray, g: int, aggregate: str) -> np.ndarray:
+    """Per row of ``idx`` (r g: drawn images), the median or mean of the units of the drawn
+    images, an image drawn k times counting its units k times: exactly np.median / np.mean of the
+    expanded draw, without building it."""
+    r = idx.shape[0]
+    counts = np.zeros((r, g), np.float64)
+    np.add.at(counts, (np.repeat(np.arange(r), g), idx.ravel()), 1.0)
+    w = counts[:, groups]  # (r n) copies of each unit
+    if aggregate != "median":
+        return (w * x).sum(axis=1) / w.sum(axis=1)
+    order = np.argsort(x, kind="stable")
+    xs, cum = x[order].astype(np.float64), np.cumsum(w[:, order], axis=1)
+    total = cum[:, -1:]
+    lo = np.argmax(cum > (total - 1) // 2, axis=1)  # the middle element(s) of the sorted expansion
+    hi = np.argmax(cum > total // 2, axis=1)
+    return (xs[lo] + xs[hi]) / 2
 
 
 def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metrics: Sequence[str], aggregate: str,
@@ -488,7 +517,8 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                     score = float(np.median(vals) if aggregate == "median" else np.mean(vals))
                 note = "black-box model: feature perturbations need its layers" if (m.is_black_box and p in feature_perts) else None
                 rec = {"model": m.name, "perturbation": p.name, "metric": metric, "score": score, "rank": None,
-                       "n_scored": len(vals), "n_skipped": n_skipped, "architecture": architecture(m)}
+                       "n_scored": len(vals), "n_skipped": n_skipped, "n_images": table.n_images(mi, pi, ki),
+                       "architecture": architecture(m)}
                 if m.name in fg_median:
                     rec["foreground_fraction"] = fg_median[m.name]
                     # A model predicting far less foreground than the bank's typical model looks
@@ -509,8 +539,8 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                 # A clean-pass baseline has the same scores under every perturbation: resample once.
                 key = (metric if metric in engine.CLEAN_METRICS else (p.name, metric), upper["model"], lower["model"])
                 if key not in support:
-                    support[key] = order_support(*table.paired(index[upper["model"]], index[lower["model"]], pi, ki),
-                                                 aggregate=aggregate, seed=seed)
+                    sa, sb, images = table.paired(index[upper["model"]], index[lower["model"]], pi, ki, images=True)
+                    support[key] = order_support(sa, sb, images=images, aggregate=aggregate, seed=seed)
                 upper["order_support"] = support[key]
     for r in records:
         r.setdefault("order_support", None)

@@ -131,15 +131,23 @@ class ScoreTable:
         v = self.valid[model, pert, metric, :n]
         return self.scores[model, pert, metric, :n][d & v], int(np.sum(d & ~v))
 
-    def paired(self, model_a: int, model_b: int, pert: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    def n_images(self, model: int, pert: int, metric: int) -> int:
+        """How many of the target's images the pair's valid scored units come from."""
+        n = self.n_units
+        scored = self.done[model, pert, :n] & self.valid[model, pert, metric, :n]
+        return len(np.unique(self.unit_images[:n][scored]))
+
+    def paired(self, model_a: int, model_b: int, pert: int, metric: int, *, images: bool = False) -> tuple:
         """Scores of two models on the units valid for both, in unit-name order (so that what is
-        drawn from them does not depend on the order the units were scored in)."""
+        drawn from them does not depend on the order the units were scored in); with ``images``,
+        also each unit's image index in the target."""
         n = self.n_units
         both = (self.done[model_a, pert, :n] & self.valid[model_a, pert, metric, :n]
                 & self.done[model_b, pert, :n] & self.valid[model_b, pert, metric, :n])
         cols = np.nonzero(both)[0]
         cols = cols[np.argsort([self.unit_names[c] for c in cols], kind="stable")]
-        return self.scores[model_a, pert, metric, cols], self.scores[model_b, pert, metric, cols]
+        pair = self.scores[model_a, pert, metric, cols], self.scores[model_b, pert, metric, cols]
+        return (*pair, self.unit_images[cols]) if images else pair
 
     def foreground(self, model: int) -> np.ndarray:
         n = self.n_units

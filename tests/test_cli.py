@@ -53,6 +53,17 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert row.split()[3] == f"{first['order_support']:.2f}" and "vs next" in out
     assert next(r for r in recs if r["rank"] == 2)["order_support"] is None
     assert "order_support" in (tmp_path / "r.csv").read_text().splitlines()[0]
+    # two images: every record says so, and the table warns that they are too few
+    assert {r["n_images"] for r in recs} == {2} and "the scores rest on 2 images" in out
+
+
+def test_small_target_note_counts_images_not_tiles():
+    from cte_jax.cli import SMALL_TARGET, _small_target_note
+
+    rec = {"score": 0.9, "n_scored": 60, "n_images": SMALL_TARGET - 1}
+    assert f"rest on {SMALL_TARGET - 1} images" in " ".join(_small_target_note([rec, {**rec, "score": None, "n_images": 0}]))
+    assert _small_target_note([{**rec, "n_images": SMALL_TARGET}]) == []
+    assert _small_target_note([{**rec, "score": None}]) == []
 
 
 def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
@@ -200,6 +211,25 @@ def test_outputs_and_model_directories_follow_the_umask(setup, capsys, tmp_path)
         os.umask(old)
     for name, mode in [("r.json", 0o644), ("r.csv", 0o644), ("p.npy", 0o644), ("copy", 0o755)]:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_predict_mixed_sizes_refused_before_predicting_unless_npz(setup, capsys, tmp_path, monkeypatch):
+    from cte_jax import predict
+
+    (tmp_path / "mixed").mkdir()
+    for name, shape in [("a", (36, 40)), ("b", (20, 24))]:
+        Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / "mixed" / f"{name}.png")
+    calls = []
+    real = predict.predict_image
+    monkeypatch.setattr(predict, "predict_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", tmp_path / "mixed",
+                          "--out", tmp_path / "p.npy", "--quiet")
+    assert code == 2 and "different sizes" in err and ".npz" in err
+    assert not calls and not (tmp_path / "p.npy").exists()
+    code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", tmp_path / "mixed",
+                          "--out", tmp_path / "p.npz", "--quiet")
+    assert code == 0, err
+    assert {k: v.shape for k, v in np.load(tmp_path / "p.npz").items()} == {"a": (1, 36, 40), "b": (1, 20, 24)}
 
 
 def test_predict_bad_suffix(setup, capsys, tmp_path):

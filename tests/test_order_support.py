@@ -65,3 +65,36 @@ def test_large_targets_draw_fewer_resamples(monkeypatch):
     # However large the target, never fewer than ORDER_MIN_RESAMPLES.
     monkeypatch.setattr(ranking, "ORDER_MAX_DRAWS", 10)
     assert order_support(a, b, n_resamples=1000, seed=2) == want[ranking.ORDER_MIN_RESAMPLES]
+
+
+@pytest.mark.parametrize("aggregate", ["median", "mean"])
+@pytest.mark.parametrize("n", [12, 13])
+def test_tiles_of_one_image_are_drawn_together(aggregate, n):
+    """A resample draws images, each with all its tiles (drawing tiles independently would not
+    pass either check)."""
+    rng = np.random.default_rng(11)
+    a, b = rng.random(n), rng.random(n) + 0.05
+    # Every image cut into 3 tiles that repeat its score: exactly the share of the untiled images.
+    images = np.repeat(np.arange(n) * 10 + 5, 3)  # any image ids
+    want = order_support(a, b, aggregate=aggregate, n_resamples=500, seed=6)
+    assert order_support(np.repeat(a, 3), np.repeat(b, 3), images=images, aggregate=aggregate, n_resamples=500,
+                         seed=6) == pytest.approx(want, abs=1e-12)
+    # 1-3 tiles per image, each its own score: against the expanded draw built by hand, draw by draw.
+    images = np.repeat(np.arange(n) * 10 + 5, 1 + np.arange(n) % 3)
+    ta, tb = rng.random(len(images)), rng.random(len(images)) + 0.02
+    agg = np.median if aggregate == "median" else np.mean
+    draws = np.random.default_rng(8).integers(0, n, size=(300, n), dtype=np.int32)
+    wins = 0.0
+    for row in draws:
+        units = np.concatenate([np.nonzero(images == np.arange(n)[i] * 10 + 5)[0] for i in row])
+        sa, sb = agg(ta[units]), agg(tb[units])
+        wins += (sa > sb) + 0.5 * (sa == sb)
+    got = order_support(ta, tb, images=images, aggregate=aggregate, n_resamples=300, seed=8)
+    assert got == pytest.approx(wins / 300, abs=1e-12)
+
+
+def test_one_image_has_no_order_support():
+    # 30 tiles of one image are not 30 draws of the target: nothing to resample.
+    rng = np.random.default_rng(2)
+    assert order_support(rng.random(30), rng.random(30), images=np.zeros(30, int)) is None
+    assert order_support(np.array([0.9]), np.array([0.8])) is None
