@@ -731,6 +731,12 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
     return Target(path, _items([(_stem(path), _file_source(path, labels=False))]))
 
 
+def is_binary_mask(label: np.ndarray) -> bool:
+    """A label image holding 0 and at most one other value: a 0/1 or 0/255 mask, not instance ids."""
+    values = np.unique(label)
+    return values.size <= 2 and (values.size < 2 or values[0] == 0)
+
+
 def open_labelled(path: str | os.PathLike, *, split: str = "all") -> tuple[Target, Target]:
     """Open a labelled domain folder: ``images/``, ``labels/`` (same stems) and ``split.json``.
 

@@ -211,18 +211,20 @@ def _squeeze_label(lab: np.ndarray, name: str, shape: tuple[int, int]) -> np.nda
 # -- ground truth ---------------------------------------------------------------------------------
 def gt_instances(label: np.ndarray, *, task: str, largest_to_background: bool = False) -> np.ndarray:
     """Ground-truth instances of a label image (h w): instance labels as they are; a binary
-    foreground mask (only ids 0/1) as its connected components (8-connectivity); for the boundary
+    foreground mask (0/1 or 0/255: :func:`cte_jax.data.is_binary_mask`) as its connected
+    components (8-connectivity); for the boundary
     task (1 = boundary) the regions between boundaries grown over them, as for predictions."""
     import jax.numpy as jnp
 
     from cte_jax import instances
+    from cte_jax.data import is_binary_mask
 
     label = np.asarray(label)
     if task == "boundary":
         return np.asarray(instances.boundary_instances(jnp.asarray((label != 0).astype(np.float32)), min_size=0,
                                                        largest_to_background=largest_to_background))
-    if label.max(initial=0) <= 1:
-        return np.asarray(instances.foreground_instances(jnp.asarray(label.astype(np.float32)), min_size=0))
+    if is_binary_mask(label):
+        return np.asarray(instances.foreground_instances(jnp.asarray((label != 0).astype(np.float32)), min_size=0))
     return label
 
 

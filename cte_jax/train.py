@@ -64,7 +64,8 @@ class TrainConfig:
       grey: how RGB images become one channel for a 1-channel model (``luminance``, ``mean``, ``first``).
       task: ``foreground`` (target = label > 0) or ``boundary`` (target = pixels where an instance
         label changes between 4-neighbours; binary labels are taken as the boundary map as they are).
-      label_kind: ``instance``, ``binary`` or ``auto`` (binary when every label of a domain is 0/1).
+      label_kind: ``instance``, ``binary`` or ``auto`` (binary when every label of a domain holds 0
+        and at most one other value: 0/1 or 0/255 masks).
       train_split: the key of ``split.json`` to train on; validation is carved out of it.
       val_fraction: share of each domain's training images held out for validation, chosen by a
         hash of the image name (deterministic, independent of the seed).
@@ -246,7 +247,7 @@ class Split:
 
 def load_data(config: TrainConfig) -> tuple[Split, Split, list[dict[str, Any]]]:
     """Read, normalise and convert every training-split image: (train, validation, per-domain facts)."""
-    from cte_jax.data import open_labelled
+    from cte_jax.data import is_binary_mask, open_labelled
     from cte_jax.preprocess import normalize
 
     norm = config.normalization_object()
@@ -265,7 +266,7 @@ def load_data(config: TrainConfig) -> tuple[Split, Split, list[dict[str, Any]]]:
         held = set(validation_names(domain, images.names, config.val_fraction))
         raw_labels = [labels.read(i) for i in range(len(labels))]
         if config.label_kind == "auto":
-            binary = all(int(lab.max()) <= 1 for lab in raw_labels)
+            binary = all(is_binary_mask(lab) for lab in raw_labels)
         else:
             binary = config.label_kind == "binary"
         for i, name in enumerate(images.names):
@@ -743,7 +744,8 @@ def add_arguments(p: "argparse.ArgumentParser") -> None:
     g.add_argument("--task", default=d.task, choices=TASKS,
                    help="foreground (label > 0) or boundary (instance borders; binary labels as they are) (default: %(default)s)")
     g.add_argument("--label-kind", default=d.label_kind, choices=LABEL_KINDS,
-                   help="labels are instance ids or binary; auto: binary if every label is 0/1 (default: %(default)s)")
+                   help="labels are instance ids or binary; auto: binary if every label holds 0 and one other value, "
+                   "e.g. 0/1 or 0/255 (default: %(default)s)")
     g.add_argument("--split", default=d.train_split,
                    help="split.json key to train on; validation is taken from it, never from 'test' (default: %(default)s)")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,

@@ -216,6 +216,8 @@ def test_instance_performance_matches_skimage(run, bank):
     pred[np.bincount(pred.ravel())[pred] < 50] = 0
     want = mean_average_precision(pred, measure.label(lab))
     assert got == pytest.approx(want) and 0 < got < 1
+    # The same mask saved as 0/255 (as many tools do) is a mask too, not one instance of id 255.
+    assert ev.image_performance(p, lab * 255, performance="map", task="foreground", min_size=50) == pytest.approx(want)
     # Boundary labels: instances are the regions between boundaries, covering the image.
     b = np.zeros((32, 32), np.uint8)
     b[:, 15] = 1

@@ -168,6 +168,14 @@ def test_small_images_are_mirror_padded_and_rgb_made_grey(tmp_path):
     assert x.shape == (2, 32, 32, 1) and facts[0]["label_kind"] == "instance"
 
 
+def test_masks_saved_as_0_255_are_binary_labels(tmp_path):
+    root = _write_domain(tmp_path / "masks", n=4, size=20)
+    for f in (root / "labels").iterdir():
+        Image.fromarray(((np.asarray(Image.open(f)) > 0) * 255).astype(np.uint8)).save(f)
+    _, _, facts = load_data(_config(root, val_fraction=0.0))
+    assert facts[0]["label_kind"] == "binary"
+
+
 def test_label_targets():
     lab = np.array([[0, 0, 0, 0], [0, 1, 1, 2], [0, 1, 1, 2], [0, 0, 0, 0]], np.uint16)
     np.testing.assert_array_equal(label_target(lab, task="foreground", binary=False)[..., 0], lab > 0)
