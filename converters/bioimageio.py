@@ -111,7 +111,13 @@ def open_package(source: str | os.PathLike) -> Iterator[Package]:
             if not any(p.name.endswith(("rdf.yaml", "bioimageio.yaml")) for p in subdirs) and len(subdirs) == 1 \
                     and subdirs[0].is_dir():
                 root = subdirs[0]
-            yield _read(_find_rdf(root), source)
+            try:
+                rdf = _find_rdf(root)
+            except CTEError as e:  # name the zip, not its temporary extraction
+                hint = " (a PyTorch checkpoint? use --format torch-em or pytorch-3dunet)" if source.suffix.lower() in (
+                    ".pt", ".pth", ".pytorch") else ""
+                raise CTEError(f"{e.problem} in the zip{hint}", source) from None
+            yield _read(rdf, source)
         return
     if source.is_file():
         yield _read(source, source)

@@ -357,7 +357,9 @@ def load(path: str | os.PathLike) -> Any:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 if any(n.endswith("/constants.pkl") for n in zf.namelist()):
-                    raise CTEError("this is a TorchScript archive; use load_torchscript_parameters", path)
+                    raise CTEError("this is a TorchScript archive (torch.jit.save), which is code, not a state dict: "
+                                   "save the model's state_dict() with torch.save, or export it to ONNX and use "
+                                   "--format onnx", path)
                 return _load_zip(path, zf, script=False)
         with open(path, "rb") as f:
             return _load_legacy(path, f)
@@ -368,7 +370,8 @@ def load(path: str | os.PathLike) -> Any:
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError,
             struct.error, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError, MemoryError,
             OSError) as e:
-        raise CTEError(f"unreadable PyTorch file (truncated or damaged?): {type(e).__name__}: {e}", path) from None
+        hint = " (an ONNX file? use --format onnx)" if path.suffix.lower() == ".onnx" else " (truncated or damaged?)"
+        raise CTEError(f"unreadable PyTorch file{hint}: {type(e).__name__}: {e}", path) from None
 
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model", "net", "network")

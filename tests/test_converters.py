@@ -290,3 +290,27 @@ def test_torch_em_convert_and_errors(tmp_path):
         converters.convert(path, format="torch-em", arch={"depth": 2, "initial_features": 4, "gain": 3},
                            out=tmp_path / "x")
     _no_leftovers(tmp_path, "x")
+
+
+def test_wrong_format_errors_name_the_right_one(tmp_path):
+    """A file given with the wrong --format, or a network the converter does not know, gets a
+    one-line error saying what the file is and which route to take; nothing is written."""
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+    sd = tmp_path / "own.pt"
+    torch.save(plain.state_dict(), sd)
+    for fmt, family in [("torch-em", "torch-em UNet2d"), ("pytorch-3dunet", "pytorch-3dunet UNet2D")]:
+        with pytest.raises(CTEError) as e:
+            converters.convert(sd, format=fmt, out=tmp_path / "out")
+        assert f"not a {family}" in str(e.value) and "'0.weight'" in str(e.value)
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.script(plain).save(str(scripted))
+    with pytest.raises(CTEError, match="TorchScript archive.*--format onnx"):
+        converters.convert(scripted, format="torch-em", out=tmp_path / "out")
+    fake_onnx = tmp_path / "m.onnx"
+    fake_onnx.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX protobuf's first bytes
+    with pytest.raises(CTEError, match=r"an ONNX file\? use --format onnx"):
+        converters.convert(fake_onnx, format="torch-em", out=tmp_path / "out")
+    with pytest.raises(CTEError) as e:
+        converters.convert(sd, format="bioimageio", out=tmp_path / "out")
+    assert str(sd) in str(e.value) and "--format torch-em" in str(e.value) and "cte_bioimageio_" not in str(e.value)
+    _no_leftovers(tmp_path, "out")
