@@ -478,8 +478,12 @@ def _evaluation_table(estimators: dict, multi: bool) -> str:
 
     lines = []
     width = max([len(k) for k in estimators] + [9])
-    head = "mean(std) over targets" if multi else "per target"
-    lines.append(f"{'estimator':<{width}}  {'variant':<9}  {'K_tau':>15}  {'S_rho':>15}  {'P_r':>15}   ({head})")
+    if multi:
+        lines.append(f"{'estimator':<{width}}  {'variant':<9}  {'K_tau':>15}  {'S_rho':>15}  {'P_r':>15}   "
+                     f"(mean(std) over targets)")
+    else:
+        lines.append(f"{'estimator':<{width}}  {'variant':<9}  {'n':>3}  {'K_tau (p)':>15}  {'S_rho (p)':>15}  "
+                     f"{'P_r (p)':>15}")
     for key, variants in estimators.items():
         for v, st in variants.items():
             if st is None:
@@ -489,8 +493,29 @@ def _evaluation_table(estimators: dict, multi: bool) -> str:
                 if multi:
                     cells.append(f"{f(st['mean'][s])}({f(st['std'][s])})")
                 else:
-                    cells.append(f"{f(st.get(s))} n={st['n_models']}")
-            lines.append(f"{key:<{width}}  {v:<9}  " + "  ".join(f"{c:>15}" for c in cells))
+                    pv = st.get(f"{s}_pvalue")
+                    cells.append(f"{f(st.get(s))} ({'-' if pv is None else f'{pv:.3f}'})")
+            n = "" if multi else f"{st['n_models']:>3}  "
+            lines.append(f"{key:<{width}}  {v:<9}  {n}" + "  ".join(f"{c:>15}" for c in cells))
+    if not multi:
+        lines.append("n: models in the statistic; p: permutation p-value (two-sided)")
+    return "\n".join(lines)
+
+
+def _evaluation_models(res: dict) -> str:
+    """One target's models, best true performance first, with every estimator's score."""
+    keys = list(res["estimators"])
+    width = max([len(m["model"]) for m in res["models"]] + [5])
+    cols = [max(len(k), 7) for k in keys]
+    lines = [f"{'model':<{width}}  {'perf':>6}  " + "  ".join(f"{k:>{c}}" for k, c in zip(keys, cols)) + "  flag"]
+    rows = sorted(res["models"], key=lambda m: float("inf") if m["performance"] is None else -m["performance"])
+    for m in rows:
+        perf = "-" if m["performance"] is None else f"{m['performance']:.3f}"
+        vals = [m["scores"].get(k) for k in keys]
+        cells = ["-" if v is None else f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}" for v in vals]
+        flag = "LOW" if m.get("low_foreground") else "HIGH" if m.get("high_foreground") else ""
+        lines.append(f"{m['model']:<{width}}  {perf:>6}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols))
+                     + f"  {flag}".rstrip())
     return "\n".join(lines)
 
 
@@ -519,6 +544,8 @@ def cmd_evaluate(args) -> int:
               f"performance = {res['performance_label']}")
         if res["flagged"]:
             print(f"flagged models (foreground far below or above the bank median): {', '.join(res['flagged'])}")
+        print(_evaluation_models(res))
+        print()
         print(_evaluation_table(table, multi=False))
     else:
         if args.labels:

@@ -45,6 +45,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -568,17 +569,32 @@ def _figures(results: Sequence[dict], out: Path, *, fig3: bool = True) -> dict[s
 
 
 def _write_target(result: dict, rows: dict, out: Path, plots: bool) -> None:
+    """One target's files, written into a hidden folder inside ``out`` and moved into place only
+    when all are written (summary.json last): an interrupted or failed run adds nothing."""
+    import shutil
+    import tempfile
+
     out.mkdir(parents=True, exist_ok=True)
-    flat, fields = _flat_models(result)
-    _write_csv(flat, fields, out / "models.csv")
-    _write_csv(rows["images"], ["model", "image", result["performance"]], out / "per_image.csv")
-    _write_csv(rows["units"], ["model", "perturbation", "metric", "unit", "score"], out / "per_image_scores.csv")
-    stat_rows, stat_fields = _flat_statistics(result["estimators"])
-    _write_csv(stat_rows, stat_fields, out / "statistics.csv")
-    if plots:
-        result["figures"] = _figures([result], out)
-    result["files"] = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    _write_json(result, out / "summary.json")
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    try:
+        flat, fields = _flat_models(result)
+        _write_csv(flat, fields, tmp / "models.csv")
+        _write_csv(rows["images"], ["model", "image", result["performance"]], tmp / "per_image.csv")
+        _write_csv(rows["units"], ["model", "perturbation", "metric", "unit", "score"], tmp / "per_image_scores.csv")
+        stat_rows, stat_fields = _flat_statistics(result["estimators"])
+        _write_csv(stat_rows, stat_fields, tmp / "statistics.csv")
+        if plots:
+            result["figures"] = _figures([result], tmp)
+            for fig in result["figures"].values():
+                fig["path"] = str(out / Path(fig["path"]).name)
+        written = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        result["files"] = sorted(set(written) | {"summary.json"} | {p.name for p in out.iterdir()
+                                                                     if not p.name.startswith(".")})
+        _write_json(result, tmp / "summary.json")
+        for name in written + ["summary.json"]:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- public API ---------------------------------------------------------------------------------------

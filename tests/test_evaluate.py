@@ -185,6 +185,23 @@ def test_files_tables_and_figures(run):
     assert list(fig3) == ["p=0.1", "p=0.2"] and all(s["n_points"] == 6 for s in fig3.values())
 
 
+def test_interrupted_writing_adds_nothing(run, tmp_path, monkeypatch):
+    """Ctrl-C while the figures are drawn: no CSV, figure or temporary folder is left behind."""
+    import copy
+
+    _, _, res = run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "_figures", interrupted)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("a user's file")
+    with pytest.raises(KeyboardInterrupt):
+        ev._write_target(copy.deepcopy(res), {"images": [], "units": []}, tmp_path / "out", plots=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]
+
+
 def test_corrections():
     scores = [0.9, 0.2, 0.95, 0.5]
     flagged = [False, False, True, False]
@@ -298,10 +315,12 @@ def test_bad_inputs_are_user_errors(run, bank, tmp_path):
 
 def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
     calls = {}
-    fake = {"target": "dom", "n_images": 2, "models": [{}, {}], "performance_label": "F1", "flagged": ["m1"],
+    models = [{"model": "m1", "performance": 0.25, "scores": {"nhd@dropout:0.1": 0.91}, "low_foreground": True},
+              {"model": "m0", "performance": 0.75, "scores": {"nhd@dropout:0.1": 0.97}}]
+    fake = {"target": "dom", "n_images": 2, "models": models, "performance_label": "F1", "flagged": ["m1"],
             "estimators": {"nhd@dropout:0.1": {"paper": {"n_models": 2, "kendall_tau": 1.0, "spearman_rho": 1.0,
-                                                         "pearson_r": 0.5}, "unflagged": {"n_models": 1},
-                                               "corrected": None}}}
+                                                         "pearson_r": 0.5, "spearman_rho_pvalue": 0.3125},
+                                               "unflagged": {"n_models": 1}, "corrected": None}}}
 
     def fake_evaluate(bank, target, **kw):
         calls["single"] = (bank, target, kw)
@@ -327,7 +346,10 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
     assert kw["exclude"] == ["m9", "m1", "m2"] and kw["plots"] is False and kw["progress"] is False
     assert kw["split"] == "test" and kw["out_dir"] == str(tmp_path)
     text = capsys.readouterr().out
-    assert "nhd@dropout:0.1" in text and "flagged" in text and "+1.000" in text
+    assert "nhd@dropout:0.1" in text and "flagged" in text and "+1.000 (0.312)" in text
+    # the models, best performance first, with their scores and flags
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["m0"], ["m1"])]
+    assert rows == [["m0", "0.750", "0.9700"], ["m1", "0.250", "0.9100", "LOW"]]
     assert cli.main(["evaluate", "--bank", "B", "--target", "x/a", "y/b", "--baselines", "none",
                      "--exclude-for", "b=m3"]) == 0
     bank, targets, kw = calls["multi"]
