@@ -116,6 +116,18 @@ def _small_target_note(records: list[dict]) -> list[str]:
     return ["", *textwrap.wrap(text, 100)]
 
 
+def _unscored_note(records: list[dict]) -> list[str]:
+    """A word on models left without a score (a black box under dropout has its own note)."""
+    empty = sorted({r["model"] for r in records if r["score"] is None and not r.get("note") and r.get("n_skipped")})
+    if not empty:
+        return []
+    text = (f"note: {len(empty)} model{'s' if len(empty) != 1 else ''} ({', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''}) have no score under some perturbation: on every image both "
+            f"predictions were empty (no pixel above the threshold), so there was nothing to compare. Blank images, "
+            f"or images unlike the models' training data, do this.")
+    return ["", *textwrap.wrap(text, 100)]
+
+
 def _flag_note(records: list[dict]) -> list[str]:
     """A warning when most (more than half) of the models with a foreground fraction are flagged."""
     from cte_jax.evaluate import is_flagged
@@ -169,7 +181,7 @@ def _table(records: list[dict], aggregate: str = "median") -> str:
                          f"{r['n_skipped']:>7}  {fg:>6}{note}")
         if pert and parse_perturbation(pert).is_feature and not arch_note:
             arch_note = _architecture_note(rs)
-    lines += arch_note + _flag_note(records) + _small_target_note(records)
+    lines += arch_note + _flag_note(records) + _unscored_note(records) + _small_target_note(records)
     baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
     lines.append(f"\nscore: {aggregate} per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")
@@ -252,8 +264,16 @@ def cmd_rank(args) -> int:
 def cmd_predict(args) -> int:
     from cte_jax.predict import predict_to_file
 
-    predict_to_file(args.model, args.input, args.out, batch_size=args.batch_size, dataset=args.dataset,
-                    progress=not args.quiet)
+    from cte_jax.data import open_target
+
+    out = predict_to_file(args.model, args.input, args.out, batch_size=args.batch_size, dataset=args.dataset,
+                          progress=not args.quiet)
+    names = open_target(args.input, dataset=args.dataset).names
+    if out.suffix.lower() == ".npz":
+        print(f"wrote {out}: one (c h w) array per image, keyed by image name ({len(names)} images)")
+    else:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        print(f"wrote {out}: (n c h w), one row per image in this order: {shown}")
     return 0
 
 
@@ -320,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="image (PNG/TIFF), folder of images, TIFF stack, or zarr/N5 array (as rank's --target)")
     p.add_argument("--dataset", help="array path inside a zarr/N5 container")
-    p.add_argument("--out", required=True, help="output .npy or .tif: probabilities (n c h w); .npz for mixed sizes")
+    p.add_argument("--out", required=True, help="output .npy or .tif: probabilities (n c h w), rows in the order of "
+                   "the image names (sorted file names); .npz: one array per image name, for mixed sizes")
     p.add_argument("--batch-size", type=int, default=4)
     _add_common(p)
     p.set_defaults(func=cmd_predict)

@@ -662,7 +662,10 @@ def _open_folder(folder: Path, *, labels: bool = False) -> Target:
         if arrays:
             raise CTEError(f"no images found; it holds zarr/N5 arrays, choose one with --dataset (dataset= in Python) "
                            f"(found: {', '.join(arrays)})", folder)
-        raise CTEError("no images found (expected .png, .tif or .tiff files)", folder)
+        hint = ""
+        if (folder / "images").is_dir() and _image_files(folder / "images"):
+            hint = f"; a labelled domain? its images are in {folder / 'images'}"
+        raise CTEError(f"no images found (expected .png, .tif or .tiff files){hint}", folder)
     stems = collections.Counter(_stem(p) for p in files)
     # two files with one stem (a.png, a.tif) keep their full file names so both stay addressable
     sources = [(_stem(p) if stems[_stem(p)] == 1 else p.name, _file_source(p, labels=labels)) for p in files]

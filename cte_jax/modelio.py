@@ -185,7 +185,10 @@ def load_model(path: str | os.PathLike) -> Model:
         with ocp.StandardCheckpointer() as ckptr:
             variables = ckptr.restore(ckpt.absolute())
     except Exception as e:  # orbax raises many types for damaged checkpoints
-        raise CTEError(f"unreadable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}", ckpt) from None
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 200 else detail[:200] + " ..."
+        raise CTEError(f"unreadable checkpoint (damaged or incompletely copied?): {type(e).__name__}: {detail}",
+                       ckpt) from None
     variables = jax.tree.map(np.asarray, variables)
     check_variables(spec, variables, path)
     return Model(spec=spec, variables=variables, **common)

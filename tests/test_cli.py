@@ -57,6 +57,26 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert {r["n_images"] for r in recs} == {2} and "the scores rest on 2 images" in out
 
 
+def test_unscored_models_are_explained():
+    from cte_jax.cli import _unscored_note
+
+    recs = [{"model": "a", "score": None, "n_skipped": 4}, {"model": "b", "score": 0.9, "n_skipped": 0},
+            {"model": "bb", "score": None, "n_skipped": 0, "note": "black-box model: ..."}]
+    text = " ".join(_unscored_note(recs))
+    assert "1 model (a)" in text and "both predictions were empty" in text and "bb" not in text
+    assert _unscored_note(recs[1:]) == []
+
+
+def test_labelled_domain_as_target_points_at_its_images(tmp_path):
+    from cte_jax.data import open_target
+    from cte_jax.errors import CTEError
+
+    (tmp_path / "dom" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "dom" / "images" / "a.png")
+    with pytest.raises(CTEError, match="its images are in .*dom/images"):
+        open_target(tmp_path / "dom")
+
+
 def test_small_target_note_counts_images_not_tiles():
     from cte_jax.cli import SMALL_TARGET, _small_target_note
 
@@ -161,6 +181,7 @@ def test_predict_npy_equals_network(setup, capsys, tmp_path):
     assert code == 0, err
     probs = np.load(tmp_path / "p.npy")
     assert probs.shape == (2, 1, 36, 40)
+    assert "one row per image in this order: t0, t1" in out
     from cte_jax.modelio import load_model
 
     m = load_model(setup / "bank" / "m0")
