@@ -85,19 +85,24 @@ BASELINE_TITLES = {"confidence": "baseline: mean confidence (clean pass; for com
                    "entropy": "baseline: 1 - mean entropy (clean pass; for comparison)"}
 
 
+def _note(text: str) -> list[str]:
+    """A note under rank's tables: a blank line, then the text wrapped at 100 columns."""
+    return ["", *textwrap.wrap(f"note: {text}", 100)]
+
+
 def _architecture_note(records: list[dict]) -> list[str]:
     """A warning under a feature-perturbation table whose scored models differ in architecture."""
     counts = Counter(r["architecture"] for r in records if r.get("architecture") and r["score"] is not None)
     if len(counts) < 2:
         return []
     mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
-    text = (f"note: bottleneck dropout is not equally strong for every architecture, and these models "
+    text = (f"bottleneck dropout is not equally strong for every architecture, and these models "
             f"have {len(counts)} (channels per level: {mix}). In our nuclei study, with every model trained "
             f"to convergence, CTE-NHD ranked a narrower 3-level model 2.2 places below its true place on "
             f"average and a 4-level model 1.3 places above it (benchmarks/RESULTS.md). Compare scores within "
             f"one architecture and training length, or check the order with --metric ei, which moved those "
             f"models less.")
-    return ["", *textwrap.wrap(text, 100)]
+    return _note(text)
 
 
 SMALL_TARGET = 20  # images; below it `rank` says the ranking rests on too few
@@ -109,11 +114,11 @@ def _small_target_note(records: list[dict]) -> list[str]:
     if not counts or max(counts) >= SMALL_TARGET:
         return []
     n = max(counts)
-    text = (f"note: the scores rest on {n} image{'s' if n != 1 else ''}. Consistency differences between good "
+    text = (f"the scores rest on {n} image{'s' if n != 1 else ''}. Consistency differences between good "
             f"models are small, and with fewer than {SMALL_TARGET} images the order can change with the "
             f"images (and the --seed): in our nuclei study a 4-image target ranked the bank wrong-signed. "
             f"Rank on tens of images if you can.")
-    return ["", *textwrap.wrap(text, 100)]
+    return _note(text)
 
 
 def _unscored_note(records: list[dict]) -> list[str]:
@@ -121,11 +126,11 @@ def _unscored_note(records: list[dict]) -> list[str]:
     empty = sorted({r["model"] for r in records if r["score"] is None and not r.get("note") and r.get("n_skipped")})
     if not empty:
         return []
-    text = (f"note: {len(empty)} model{'s' if len(empty) != 1 else ''} ({', '.join(empty[:5])}"
+    text = (f"{len(empty)} model{'s' if len(empty) != 1 else ''} ({', '.join(empty[:5])}"
             f"{', ...' if len(empty) > 5 else ''}) have no score under some perturbation: on every image both "
             f"predictions were empty (no pixel above the threshold), so there was nothing to compare. Blank images, "
             f"or images unlike the models' training data, do this.")
-    return ["", *textwrap.wrap(text, 100)]
+    return _note(text)
 
 
 def _flag_note(records: list[dict]) -> list[str]:
@@ -136,11 +141,11 @@ def _flag_note(records: list[dict]) -> list[str]:
     n = sum(fg.values())
     if not fg or 2 * n <= len(fg):
         return []
-    text = (f"note: {n} of {len(fg)} models are flagged for their foreground fraction. A bank mostly "
+    text = (f"{n} of {len(fg)} models are flagged for their foreground fraction. A bank mostly "
             f"flagged on a target was probably not made for images like these (for example fluorescence "
             f"models on stained tissue, where they segment the background and look very consistent); its "
             f"ranking there is not to be trusted.")
-    return ["", *textwrap.wrap(text, 100)]
+    return _note(text)
 
 
 def _table(records: list[dict], aggregate: str = "median") -> str:
