@@ -360,7 +360,9 @@ _EXTRA_COMMANDS: list[Callable] = []
 
 CONVERT_HELP = """\
 Convert PyTorch, bioimage.io or ONNX U-Net weights into a cte_jax model directory, numerically
-exact (checked against PyTorch and against published test outputs). torch is not needed.
+exact (checked against PyTorch and against published test outputs; a bioimage.io package whose
+test output is not reproduced is refused). A network that ends without a sigmoid is taken to
+output logits; ranking and prediction apply the sigmoid. torch is not needed.
 
 examples:
   cte-jax convert best_checkpoint.pytorch --format pytorch-3dunet \\
@@ -566,7 +568,8 @@ def cmd_evaluate(args) -> int:
         res = ev.evaluate(args.bank, args.target[0], labels=args.labels, split=args.split, name=names[0],
                           exclude=list(args.exclude or []) + per_target.get(names[0], []), **opts)
         table = {k: {v: e.get(v) for v in ev.VARIANTS} for k, e in res["estimators"].items()}
-        print(f"target {res['target']}: {res['n_images']} images, {len(res['models'])} models, "
+        split = f" (split {res['split']})" if res.get("split") else ""
+        print(f"target {res['target']}: {res['n_images']} images{split}, {len(res['models'])} models, "
               f"performance = {res['performance_label']}")
         if res["flagged"]:
             print(f"flagged models (foreground far below or above the bank median): {', '.join(res['flagged'])}")
@@ -596,10 +599,11 @@ def _register_evaluate(sub):
     p.add_argument("--target", required=True, nargs="+", metavar="DIR",
                    help="labelled domain folder(s) (images/, labels/, split.json); or an image folder with --labels")
     p.add_argument("--labels", help="folder of label images named as the images (single target)")
-    p.add_argument("--split", default="test",
-                   help="split.json key to evaluate on, or 'all' (default: test). When no model of the bank was "
-                   "trained on the target domain, 'all' is safe and gives a steadier ranking: on our nuclei "
-                   "study a 4-image test split ranked wrong-signed")
+    p.add_argument("--split", default="auto",
+                   help="split.json key to evaluate on, or 'all' (default: auto = the test split when the target "
+                   "has a split.json, else every image). When no model of the bank was trained on the target "
+                   "domain, 'all' is safe and gives a steadier ranking: on our nuclei study a 4-image test split "
+                   "ranked wrong-signed")
     p.add_argument("--perturbation", nargs="+", default=["dropout:0.1"], metavar="SPEC", help=PERT_HELP)
     p.add_argument("--metric", nargs="+", default=["nhd"], choices=["nhd", "ei", "vrand"],
                    help="CTE metric(s) (default: nhd)")

@@ -80,8 +80,9 @@ class LabelledTarget:
       path: a labelled domain folder (``images/``, ``labels/``, ``split.json``), or a folder of
         images when ``labels`` is given.
       labels: a folder of label images with the images' names (optional).
-      split: the key of ``split.json`` to use (``"test"``; ``"all"`` for every image); ignored
-        when ``labels`` is given.
+      split: the key of ``split.json`` to use (``"test"``, ``"all"`` for every image, or ``"auto"``:
+        the test split when the domain has a ``split.json``, else every image); ignored when
+        ``labels`` is given.
       exclude: model names to leave out, or a predicate on :class:`~cte_jax.modelio.Model`
         (e.g. models trained on this domain, for leave-one-domain-out).
       include: if given, only these model names are evaluated (before ``exclude``).
@@ -90,7 +91,7 @@ class LabelledTarget:
     name: str
     path: str | Path
     labels: str | Path | None = None
-    split: str = "test"
+    split: str = "auto"
     exclude: Sequence[str] | Callable[[Any], bool] = ()
     include: Sequence[str] | None = None
 
@@ -159,11 +160,24 @@ def _check_options(perturbations, metrics, baselines, performance, correction, t
 
 
 # -- targets and models ----------------------------------------------------------------------------
+def resolved_split(spec: LabelledTarget) -> str | None:
+    """The split a target is evaluated on: ``auto`` is the test split when the domain has a
+    ``split.json`` (its other images may have trained a model), else every image (a held-out
+    domain); None with a separate labels folder."""
+    from cte_jax import data
+
+    if spec.labels is not None:
+        return None
+    if spec.split != "auto":
+        return spec.split
+    return "test" if (Path(spec.path) / data.SPLITS_FILE).is_file() else "all"
+
+
 def _open(spec: LabelledTarget):
     from cte_jax import data
 
     if spec.labels is None:
-        return data.open_labelled(spec.path, split=spec.split)
+        return data.open_labelled(spec.path, split=resolved_split(spec))
     images = data.open_target(spec.path)
     lab_path = Path(spec.labels)
     if not lab_path.is_dir():
@@ -474,7 +488,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
                              "family": e.family, "supervised": e.supervised, **variants}
 
     result = {
-        "target": spec.name, "path": str(spec.path), "split": spec.split if spec.labels is None else None,
+        "target": spec.name, "path": str(spec.path), "split": resolved_split(spec),
         "task": task, "performance": o.performance, "performance_label": _PERF_LABELS[o.performance],
         "aggregate": o.aggregate, "n_images": len(names), "perturbations": list(o.perturbations),
         "metrics": list(o.metrics), "baselines": list(o.baselines), "correction": o.correction,
@@ -610,7 +624,7 @@ def _options(perturbations, metrics, baselines, task, performance, min_size, cor
                     bool(largest_to_background), int(n_permutations), bool(plots), bool(progress))
 
 
-def evaluate(bank, target, *, labels=None, split: str = "test", name: str | None = None,
+def evaluate(bank, target, *, labels=None, split: str = "auto", name: str | None = None,
              exclude: Sequence[str] | Callable[[Any], bool] = (), include: Sequence[str] | None = None,
              perturbations: Sequence[str] = ("dropout:0.1",), metrics: Sequence[str] = ("nhd",),
              task: str | None = None, performance: str = "f1", min_size: int = 50,
@@ -627,7 +641,8 @@ def evaluate(bank, target, *, labels=None, split: str = "test", name: str | None
         of images when ``labels`` is given.
       labels: a folder of label images with the images' names (0 = background; instance ids,
         or 0/1 masks; for boundary models 1 = boundary).
-      split: the ``split.json`` key (default ``"test"``; ``"all"``).
+      split: the ``split.json`` key, ``"all"``, or ``"auto"`` (default: the test split when the
+        domain has a ``split.json``, else every image).
       name: the target's name in outputs (default: the folder name).
       exclude, include: which bank models to evaluate (names, or a predicate for ``exclude``).
       perturbations: perturbation specs (``"dropout:0.1"``, ``"noise:0.03-0.05"``); with at

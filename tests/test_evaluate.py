@@ -202,6 +202,17 @@ def test_interrupted_writing_adds_nothing(run, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]
 
 
+def test_auto_split_is_the_test_split_only_where_there_is_one(tmp_path):
+    """A held-out domain without split.json is evaluated on every image, not refused."""
+    (tmp_path / "dom").mkdir()
+    spec = ev.LabelledTarget(name="dom", path=tmp_path / "dom")
+    assert ev.resolved_split(spec) == "all"
+    (tmp_path / "dom" / "split.json").write_text("{}")
+    assert ev.resolved_split(spec) == "test"
+    assert ev.resolved_split(ev.LabelledTarget(name="dom", path=tmp_path / "dom", split="train")) == "train"
+    assert ev.resolved_split(ev.LabelledTarget(name="dom", path=tmp_path, labels=tmp_path)) is None
+
+
 def test_corrections():
     scores = [0.9, 0.2, 0.95, 0.5]
     flagged = [False, False, True, False]
@@ -344,7 +355,7 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
     assert kw["perturbations"] == ["dropout:0.1", "noise:0.1"] and kw["metrics"] == ["nhd", "ei"]
     assert kw["baselines"] == ["ccfv"] and kw["performance"] == "map" and kw["correction"] is None
     assert kw["exclude"] == ["m9", "m1", "m2"] and kw["plots"] is False and kw["progress"] is False
-    assert kw["split"] == "test" and kw["out_dir"] == str(tmp_path)
+    assert kw["split"] == "auto" and kw["out_dir"] == str(tmp_path)
     text = capsys.readouterr().out
     assert "nhd@dropout:0.1" in text and "flagged" in text and "+1.000 (0.312)" in text
     # the models, best performance first, with their scores and flags
