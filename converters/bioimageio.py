@@ -527,8 +527,8 @@ def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.P
                 provenance["skipped_weights"] = reasons
             from cte_jax.modelio import Model
 
-            check_test_output(pkg, Model(name=pkg.name, normalization=norm, spec=spec, variables=variables), provenance,
-                              normalize_given=normalize is not None)
+            model = Model(name=pkg.name, normalization=norm, spec=spec, variables=variables)
+            check_test_output(pkg, model, provenance, normalize_given=normalize is not None)
             return C.write_grey_box(out=target, spec=spec, variables=variables, normalization=norm,
                                     provenance=provenance, task=task, channel=channel, overwrite=overwrite)
         if "onnx" in pkg.weights and (weights in (None, "onnx")):
@@ -556,8 +556,8 @@ def _black_box(pkg: Package, target: Path, norm: dict, provenance: dict, overwri
     desc = onnx_model.black_box_description(path, final_activation=post, normalization=norm, task=task,
                                             channel=channel, provenance=provenance, axes=axes)
     # checked as the package computes it: graph, then the description's postprocessing
-    check_test_output(pkg, Model(name=pkg.name, normalization=norm, predict=onnx_predictor(path, desc, raw=True)), provenance,
-                      normalize_given=normalize_given)
+    raw = Model(name=pkg.name, normalization=norm, predict=onnx_predictor(path, desc, raw=True))
+    check_test_output(pkg, raw, provenance, normalize_given=normalize_given)
     graph_final = onnx_model.output_activation(onnx_model.load(path))
     provenance["graph_final_activation"] = graph_final
     if post is None and graph_final is None:  # logits: the sigmoid a grey-box network would get

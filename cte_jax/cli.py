@@ -267,9 +267,8 @@ def cmd_rank(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cte_jax.predict import predict_to_file
-
     from cte_jax.data import open_target
+    from cte_jax.predict import predict_to_file
 
     out = predict_to_file(args.model, args.input, args.out, batch_size=args.batch_size, dataset=args.dataset,
                           progress=not args.quiet)
@@ -398,7 +397,8 @@ def _conversion_facts(desc: dict) -> list[str]:
         lines.append("the network ends without an activation: its outputs are taken as logits, and ranking and "
                      "prediction apply a sigmoid")
     if "test_output_max_abs_diff" in prov:
-        lines.append(f"reproduces the package's test output (max abs difference {prov['test_output_max_abs_diff']:.2g})")
+        diff = prov["test_output_max_abs_diff"]
+        lines.append(f"reproduces the package's test output (max abs difference {diff:.2g})")
     elif "test_output_check" in prov:
         lines.append(f"test output not compared: {prov['test_output_check'].removeprefix('skipped: ')}")
     if prov.get("verified_max_abs_diff") is not None:

@@ -725,7 +725,8 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
         if _is_container(path) and not _image_files(path):
             found = _find_arrays(path)
             hint = f"found: {', '.join(found)}" if found else "none found"
-            raise CTEError(f"is a zarr/N5 group, not an array; choose an array with --dataset (dataset= in Python) ({hint})", path)
+            raise CTEError(f"is a zarr/N5 group, not an array; choose an array with --dataset (dataset= in Python) "
+                           f"({hint})", path)
         return _open_folder(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -769,7 +770,8 @@ def open_labelled(path: str | os.PathLike, *, split: str = "all") -> tuple[Targe
     else:
         split_path = root / SPLITS_FILE
         if not split_path.is_file():
-            raise CTEError(f"no {SPLITS_FILE}, needed for split {split!r} (use --split all, or split='all' in Python)", root)
+            raise CTEError(f"no {SPLITS_FILE}, needed for split {split!r} (use --split all, or split='all' in "
+                           f"Python)", root)
         try:
             splits = json.loads(split_path.read_text())
         except (OSError, ValueError) as exc:

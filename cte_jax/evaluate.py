@@ -47,6 +47,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -585,9 +587,6 @@ def _figures(results: Sequence[dict], out: Path, *, fig3: bool = True) -> dict[s
 def _write_target(result: dict, rows: dict, out: Path, plots: bool) -> None:
     """One target's files, written into a hidden folder inside ``out`` and moved into place only
     when all are written (summary.json last): an interrupted or failed run adds nothing."""
-    import shutil
-    import tempfile
-
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:

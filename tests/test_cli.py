@@ -81,7 +81,8 @@ def test_small_target_note_counts_images_not_tiles():
     from cte_jax.cli import SMALL_TARGET, _small_target_note
 
     rec = {"score": 0.9, "n_scored": 60, "n_images": SMALL_TARGET - 1}
-    assert f"rest on {SMALL_TARGET - 1} images" in " ".join(_small_target_note([rec, {**rec, "score": None, "n_images": 0}]))
+    unscored = {**rec, "score": None, "n_images": 0}
+    assert f"rest on {SMALL_TARGET - 1} images" in " ".join(_small_target_note([rec, unscored]))
     assert _small_target_note([{**rec, "n_images": SMALL_TARGET}]) == []
     assert _small_target_note([{**rec, "score": None}]) == []
 
