@@ -111,13 +111,16 @@ SMALL_TARGET = 20  # images; below it `rank` says the ranking rests on too few
 def _small_target_note(records: list[dict]) -> list[str]:
     """A warning when the ranked models were scored on fewer than SMALL_TARGET images."""
     counts = [r["n_images"] for r in records if r.get("score") is not None and "n_images" in r]
-    if not counts or max(counts) >= SMALL_TARGET:
+    return _few_images_note(max(counts)) if counts else []
+
+
+def _few_images_note(n: int) -> list[str]:
+    if n >= SMALL_TARGET:
         return []
-    n = max(counts)
     text = (f"the scores rest on {n} image{'s' if n != 1 else ''}. Consistency differences between good "
             f"models are small, and with fewer than {SMALL_TARGET} images the order can change with the "
             f"images (and the --seed): in our nuclei study a 4-image target ranked the bank wrong-signed. "
-            f"Rank on tens of images if you can.")
+            f"Use tens of images if you can.")
     return _note(text)
 
 
@@ -576,6 +579,8 @@ def cmd_evaluate(args) -> int:
         print(_evaluation_models(res))
         print()
         print(_evaluation_table(table, multi=False))
+        for line in _few_images_note(res["n_images"]):
+            print(line)
     else:
         if args.labels:
             raise CTEError("--labels works with one --target; give labelled domain folders for several")

@@ -358,6 +358,7 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
     assert kw["split"] == "auto" and kw["out_dir"] == str(tmp_path)
     text = capsys.readouterr().out
     assert "nhd@dropout:0.1" in text and "flagged" in text and "+1.000 (0.312)" in text
+    assert "the scores rest on 2 images" in text  # a statistic over 2 images deserves the warning
     # the models, best performance first, with their scores and flags
     rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["m0"], ["m1"])]
     assert rows == [["m0", "0.750", "0.9700"], ["m1", "0.250", "0.9100", "LOW"]]
