@@ -37,7 +37,8 @@ CTE-EI, 0.70 for confidence and 0.44 for entropy; with models trained a third as
 (0.77) and confidence (0.73) were ahead of CTE-NHD (0.69). So compute --metric nhd ei and compare
 before you trust a close call.
 The "vs next" column says which calls are close: below 0.95, another draw of target images
-could well swap a model and the next one down.
+could well swap a model and the next one down. Give it tens of images: below 20 the table says
+so (a 4-image target ranked our study's bank wrong-signed).
 
 Bottleneck dropout perturbs models of different depth or width by different amounts: in that
 study CTE-NHD ranked a narrow (8-16-32) model 2.2 places below its true place on average, though
