@@ -295,7 +295,7 @@ def convert_checkpoint(source: str | os.PathLike, *, from_state_dict, converter:
     source = Path(source)
     target = resolve_out(out, bank, source.stem)
     if target.exists() and not overwrite:
-        raise CTEError("already exists (choose another --out or remove it)", target)
+        raise CTEError("already exists (choose another --out, remove it, or pass --overwrite)", target)
     state = torch_pickle.load_state_dict(source)
     spec, variables = from_state_dict(state, arch, source=source)
     norm = normalization_dict(normalize, default=default_normalize, in_channels=spec.in_channels, source=source)

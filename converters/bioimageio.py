@@ -487,7 +487,7 @@ def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.P
     with open_package(source) as pkg:
         target = C.resolve_out(out, bank, _slug(pkg.name))
         if target.exists() and not overwrite:
-            raise CTEError("already exists (choose another --out or remove it)", target)
+            raise CTEError("already exists (choose another --out, remove it, or pass --overwrite)", target)
         if pkg.input_axes.replace("b", "") not in ("cyx", "yx") or pkg.output_axes.replace("b", "") not in ("cyx", "yx"):
             raise CTEError(f"axes {pkg.input_axes!r} -> {pkg.output_axes!r}: only 2D (b)(c)yx models are supported",
                            pkg.rdf_path)

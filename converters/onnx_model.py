@@ -252,7 +252,7 @@ def convert(source: str | os.PathLike, *, arch: Any = None, normalize: Any = Non
     source = Path(source)
     target = C.resolve_out(out, bank, source.stem)
     if target.exists() and not overwrite:
-        raise CTEError("already exists (choose another --out or remove it)", target)
+        raise CTEError("already exists (choose another --out, remove it, or pass --overwrite)", target)
     kwargs = C.parse_kwargs_text(arch) or None
     sha = C.sha256_of(source)
     provenance: dict[str, Any] = {"converter": f"converters.onnx_model ({FORMAT})", "source": str(source.resolve()),

@@ -618,6 +618,8 @@ def _options(perturbations, metrics, baselines, task, performance, min_size, cor
     perts = _check_options(perturbations, metrics, baselines, performance, correction, task)
     if aggregate not in ("median", "mean"):
         raise CTEError(f"unknown aggregate {aggregate!r}; choose median or mean")
+    if int(n_permutations) < 1:
+        raise CTEError(f"permutations must be at least 1 (they give the p-values), got {n_permutations}")
     return _Options(perts, list(metrics), baselines, task, performance, int(min_size), correction, aggregate,
                     int(seed), int(batch_size), float(threshold), int(tile_above), tuple(ccfv_samples),
                     bool(largest_to_background), int(n_permutations), bool(plots), bool(progress))

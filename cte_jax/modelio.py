@@ -141,7 +141,7 @@ def write_model_dir(out: str | os.PathLike, fill: Callable[[Path], None], *, ove
     renamed to ``out`` only when it succeeded; on any failure nothing is left behind."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise CTEError("already exists (choose another --out or remove it)", out)
+        raise CTEError("already exists (choose another --out, remove it, or pass --overwrite)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -56,6 +56,8 @@ def predict_to_file(model_dir, input_path, out, *, batch_size: int = 4, dataset:
         raise CTEError("output must end in .npy, .tif or .npz", out)
     if not out.parent.exists():
         raise CTEError("output folder does not exist", out.parent)
+    if batch_size < 1:
+        raise CTEError(f"batch size must be at least 1, got {batch_size}")
     model = load_model(model_dir)
     target = data.open_target(input_path, dataset=dataset)
     if len(target) == 0:

@@ -149,6 +149,7 @@ class TrainConfig:
             (self.patch_size >= s.size_multiple and self.patch_size % s.size_multiple == 0,
              f"patch_size {self.patch_size} must be a positive multiple of {s.size_multiple} for {s.levels} levels"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (0 <= self.seed < 2 ** 32, f"seed must be a whole number from 0 to {2 ** 32 - 1}, got {self.seed}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (0 <= self.warmup_steps < max(self.steps, 1), f"warmup_steps must be in [0, steps), got {self.warmup_steps}"),

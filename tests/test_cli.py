@@ -254,6 +254,12 @@ def test_predict_mixed_sizes_refused_before_predicting_unless_npz(setup, capsys,
     assert {k: v.shape for k, v in np.load(tmp_path / "p.npz").items()} == {"a": (1, 36, 40), "b": (1, 20, 24)}
 
 
+def test_predict_batch_size_below_one_is_refused(setup, capsys, tmp_path):
+    code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", setup / "target",
+                          "--out", tmp_path / "p.npy", "--batch-size", "0")
+    assert code == 2 and "batch size must be at least 1" in err and not (tmp_path / "p.npy").exists()
+
+
 def test_predict_bad_suffix(setup, capsys, tmp_path):
     code, out, err = _run(capsys, "predict", "--model", setup / "bank" / "m0", "--input", setup / "target",
                           "--out", tmp_path / "p.png")

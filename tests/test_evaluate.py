@@ -309,6 +309,8 @@ def test_bad_inputs_are_user_errors(run, bank, tmp_path):
         ev.evaluate(bank, root, metrics=["confidence"])
     with pytest.raises(CTEError, match="unknown baseline"):
         ev.evaluate(bank, root, baselines=["oracle"])
+    with pytest.raises(CTEError, match="permutations must be at least 1"):
+        ev.evaluate(bank, root, n_permutations=0)
     with pytest.raises(CTEError, match="at least 2"):
         ev.evaluate(bank, root, include=["t0.2"])
     with pytest.raises(CTEError, match="unknown models"):

@@ -193,6 +193,8 @@ def test_config_validation_and_errors(domain, tmp_path):
         _config(domain, spec=UNetSpec(features=(4, 8), final_activation=None))
     with pytest.raises(ValueError, match="test split"):
         _config(domain, train_split="test")
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        _config(domain, seed=2 ** 64)
     with pytest.raises(ValueError, match="normalisation"):
         _config(domain, normalization="percentile:99,1")
     existing = tmp_path / "exists"
