@@ -297,7 +297,14 @@ def convert_checkpoint(source: str | os.PathLike, *, from_state_dict, converter:
     if target.exists() and not overwrite:
         raise CTEError("already exists (choose another --out, remove it, or pass --overwrite)", target)
     state = torch_pickle.load_state_dict(source)
-    spec, variables = from_state_dict(state, arch, source=source)
+    try:
+        spec, variables = from_state_dict(state, arch, source=source)
+    except CTEError as e:
+        if arch or not e.problem.startswith("weights do not fit"):
+            raise
+        # Without --arch the family's defaults were assumed: say so before the list of keys.
+        raise CTEError("the weights do not fit the default architecture; give the settings the model was built "
+                       "with in --arch (see convert --help): " + e.problem, source) from None
     norm = normalization_dict(normalize, default=default_normalize, in_channels=spec.in_channels, source=source)
     provenance = {"converter": converter, "source": str(source.resolve()), "sha256": sha256_of(source),
                   "arch_kwargs": parse_kwargs_text(arch),

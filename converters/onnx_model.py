@@ -66,7 +66,9 @@ def load(path: str | os.PathLike):
     try:
         model = onnx.load(os.fspath(path), load_external_data=True)
     except Exception as e:  # protobuf raises DecodeError and friends for damaged files
-        raise CTEError(f"unreadable ONNX file (truncated or damaged?): {type(e).__name__}: {str(e)[:200]}", path) from None
+        hint = " (a PyTorch file? use --format torch-em or pytorch-3dunet)" if path.suffix.lower() in (
+            ".pt", ".pth", ".pytorch") else " (truncated or damaged?)"
+        raise CTEError(f"unreadable ONNX file{hint}: {type(e).__name__}: {str(e)[:200]}", path) from None
     if not model.graph.node:
         raise CTEError("ONNX file with an empty graph (truncated or damaged?)", path)
     return model

@@ -194,6 +194,8 @@ def _table(records: list[dict], aggregate: str = "median") -> str:
     baseline = ", or baseline score (higher = expected to transfer better)" if any(not p for p, _ in keys) else ""
     lines.append(f"\nscore: {aggregate} per-image consistency (1 = perfectly consistent){baseline}; fg: median "
                  "fraction of pixels predicted foreground")
+    if not any(r.get("order_support") is not None for r in records):  # one image or one model: nothing resampled
+        return "\n".join(lines).lstrip("\n")
     lines += textwrap.wrap(
         f"vs next: share of {ORDER_RESAMPLES} resamples of the target's images (at least {ORDER_MIN_RESAMPLES} "
         f"on very large targets) in which the model still scores above the next one down. Below "

@@ -57,6 +57,15 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     assert {r["n_images"] for r in recs} == {2} and "the scores rest on 2 images" in out
 
 
+def test_vs_next_is_explained_only_when_shown():
+    from cte_jax.cli import _table
+
+    rec = {"model": "a", "perturbation": "dropout:0.1", "metric": "nhd", "score": 0.9, "rank": 1, "n_scored": 1,
+           "n_skipped": 0, "n_images": 1, "order_support": None}
+    assert "vs next: share" not in _table([rec, {**rec, "model": "b", "score": 0.8, "rank": 2}])
+    assert "vs next: share" in _table([{**rec, "order_support": 0.9}, {**rec, "model": "b", "score": 0.8, "rank": 2}])
+
+
 def test_unscored_models_are_explained():
     from cte_jax.cli import _unscored_note
 

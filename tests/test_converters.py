@@ -313,4 +313,13 @@ def test_wrong_format_errors_name_the_right_one(tmp_path):
     with pytest.raises(CTEError) as e:
         converters.convert(sd, format="bioimageio", out=tmp_path / "out")
     assert str(sd) in str(e.value) and "--format torch-em" in str(e.value) and "cte_bioimageio_" not in str(e.value)
+    with pytest.raises(CTEError, match=r"a PyTorch file\? use --format torch-em"):
+        converters.convert(sd, format="onnx", out=tmp_path / "out")
+    # a torch-em UNet2d built with other settings than the defaults: say --arch before the key list
+    small = tmp_path / "small.pt"
+    torch.save(UNet2dTorchEm(1, 1, depth=2, initial_features=4).state_dict(), small)
+    with pytest.raises(CTEError, match="do not fit the default architecture; give the settings .* in --arch"):
+        converters.convert(small, format="torch-em", out=tmp_path / "out")
     _no_leftovers(tmp_path, "out")
+    assert converters.convert(small, format="torch-em", arch={"depth": 2, "initial_features": 4},
+                              out=tmp_path / "out").is_dir()
