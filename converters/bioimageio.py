@@ -553,12 +553,13 @@ def _black_box(pkg: Package, target: Path, norm: dict, provenance: dict, overwri
         raise CTEError("black-box models need an input with a channel axis", pkg.rdf_path)
     provenance = {**provenance, "weights_format": "onnx", "weights_file": path.name,
                   "weights_sha256": C.sha256_of(path), "black_box_reason": reason}
+    graph = onnx_model.load(path)
     desc = onnx_model.black_box_description(path, final_activation=post, normalization=norm, task=task,
-                                            channel=channel, provenance=provenance, axes=axes)
+                                            channel=channel, provenance=provenance, axes=axes, model=graph)
     # checked as the package computes it: graph, then the description's postprocessing
     raw = Model(name=pkg.name, normalization=norm, predict=onnx_predictor(path, desc, raw=True))
     check_test_output(pkg, raw, provenance, normalize_given=normalize_given)
-    graph_final = onnx_model.output_activation(onnx_model.load(path))
+    graph_final = onnx_model.output_activation(graph)
     provenance["graph_final_activation"] = graph_final
     if post is None and graph_final is None:  # logits: the sigmoid a grey-box network would get
         desc["postprocessing"] = "sigmoid"

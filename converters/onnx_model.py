@@ -218,9 +218,10 @@ def from_onnx(path: str | os.PathLike, *, kwargs: Mapping[str, Any] | None = Non
 
 
 def black_box_description(path: Path, *, final_activation: str | None, normalization: dict, task: str,
-                          channel: int, provenance: dict, axes: str = "bcyx") -> dict:
-    """model.json fields of a black-box ONNX model (the converter adds format, name and 'onnx')."""
-    model = load(path)
+                          channel: int, provenance: dict, axes: str = "bcyx", model=None) -> dict:
+    """model.json fields of a black-box ONNX model (the converter adds format, name and 'onnx');
+    ``model``: the graph already loaded from ``path``, if the caller has it."""
+    model = load(path) if model is None else model
     g = model.graph
     init_names = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in init_names]
@@ -282,5 +283,5 @@ def convert(source: str | os.PathLike, *, arch: Any = None, normalize: Any = Non
     # ends anywhere else outputs logits, which get the sigmoid a grey-box network without a final
     # activation gets (cte_jax.networks.probabilities).
     desc = black_box_description(source, final_activation=None if graph_final else "sigmoid", normalization=norm,
-                                 task=task, channel=channel, provenance=provenance)
+                                 task=task, channel=channel, provenance=provenance, model=model)
     return C.write_black_box(out=target, onnx_file=source, description=desc, overwrite=overwrite)

@@ -273,12 +273,10 @@ def cmd_rank(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cte_jax.data import open_target
     from cte_jax.predict import predict_to_file
 
-    out = predict_to_file(args.model, args.input, args.out, batch_size=args.batch_size, dataset=args.dataset,
-                          progress=not args.quiet)
-    names = open_target(args.input, dataset=args.dataset).names
+    out, names = predict_to_file(args.model, args.input, args.out, batch_size=args.batch_size, dataset=args.dataset,
+                                 progress=not args.quiet)
     if out.suffix.lower() == ".npz":
         print(f"wrote {out}: one (c h w) array per image, keyed by image name ({len(names)} images)")
     else:

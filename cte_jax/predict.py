@@ -44,9 +44,12 @@ def predict_image(model: Model, image: np.ndarray, *, tile: int = 256, halo: int
 
 
 def predict_to_file(model_dir, input_path, out, *, batch_size: int = 4, dataset: str | None = None,
-                    progress: bool = True) -> Path:
+                    progress: bool = True) -> tuple[Path, list[str]]:
     """Write the clean probabilities of every input image to ``out``: .npy/.tif hold (n c h w)
-    when all images share a size; .npz holds one (c h w) array per image name."""
+    when all images share a size; .npz holds one (c h w) array per image name.
+
+    Returns:
+      ``out`` and the image names, in the order of the rows."""
     from cte_jax import data
     from cte_jax.cli import _atomic_write
 
@@ -92,4 +95,4 @@ def predict_to_file(model_dir, input_path, out, *, batch_size: int = 4, dataset:
             tifffile.imwrite(tmp, np.stack(list(maps.values())), metadata={"axes": "QCYX"})
 
     _atomic_write(out, write, binary_path=True)
-    return out
+    return out, list(maps)
