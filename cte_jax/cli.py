@@ -231,9 +231,25 @@ def _check_out(path: str | None, suffixes: Sequence[str]):
         raise CTEError("output folder does not exist", p.parent)
 
 
+def _check_perturbations(texts: Sequence[str]):
+    """Refuse a perturbation that changes nothing: every model would score as perfectly consistent."""
+    from cte_jax.perturbations import parse_perturbation
+
+    for text in texts:
+        try:
+            pert = parse_perturbation(text)
+        except ValueError as e:
+            raise CTEError(str(e)) from None
+        if pert.is_identity:
+            raise CTEError(f"perturbation {text} leaves every image as it is, so every model would score as "
+                           f"perfectly consistent; give it a strength (e.g. dropout:0.1, noise:0.01-0.03, "
+                           f"brightness:0.1, contrast:0.8, gamma:1.2)")
+
+
 def cmd_rank(args) -> int:
     from cte_jax.ranking import rank
 
+    _check_perturbations(args.perturbation)
     bank = args.bank or DEMO / "bank"
     target = args.target or DEMO / "target"
     _check_out(args.json, [".json"])
@@ -554,6 +570,7 @@ def _evaluation_models(res: dict) -> str:
 def cmd_evaluate(args) -> int:
     from cte_jax import evaluate as ev
 
+    _check_perturbations(args.perturbation)
     baselines = [] if args.baselines in (["none"], []) else args.baselines
     if "none" in baselines:
         raise CTEError("--baselines none cannot be combined with other baselines")

@@ -63,6 +63,9 @@ _INPUT_FNS = {
 }
 
 
+_IDENTITY = {"dropout": 0.0, "noise": 0.0, "brightness": 0.0, "contrast": 1.0, "gamma": 1.0}
+
+
 # -- a named perturbation with its strength -------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
@@ -92,6 +95,12 @@ class Perturbation:
     @property
     def is_feature(self) -> bool:
         return self.kind in FEATURE_KINDS
+
+    @property
+    def is_identity(self) -> bool:
+        """True for a strength that leaves every image as it is (dropout:0, noise:0, brightness:0,
+        contrast:1, gamma:1): every model is then perfectly consistent."""
+        return self.lo == self.hi == _IDENTITY[self.kind]
 
     @property
     def name(self) -> str:

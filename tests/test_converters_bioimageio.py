@@ -110,6 +110,21 @@ def test_package_whose_test_output_is_not_reproduced_is_refused(tmp_path):
 
 
 @needs_shared
+def test_missing_or_remote_test_tensor_is_named_as_the_reason_for_no_check(tmp_path):
+    pkg = _writable_copy(FIXED, tmp_path / "pkg")
+    (pkg / "test_output.npy").unlink()
+    out = converters.convert(pkg, format="bioimageio", out=tmp_path / "a")
+    reason = json.loads((out / "model.json").read_text())["provenance"]["test_output_check"]
+    assert "test_output.npy" in reason and "not in the package" in reason
+    rdf = bioimageio._find_rdf(pkg)
+    text = rdf.read_text().replace("test_input.npy", "https://example.org/test_input.npy")
+    rdf.write_text(text)
+    out = converters.convert(pkg, format="bioimageio", out=tmp_path / "b")
+    reason = json.loads((out / "model.json").read_text())["provenance"]["test_output_check"]
+    assert "https://example.org/test_input.npy" in reason and "remote" in reason
+
+
+@needs_shared
 def test_nuclei_broad_black_box_reproduces_test_output(tmp_path):
     pytest.importorskip("onnxruntime")
     out = converters.convert(NUCLEI, format="bioimageio", out=tmp_path / "bb", black_box=True)

@@ -370,6 +370,9 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
     assert [t.name for t in targets] == ["a", "b"] and targets[1].exclude == ("m3",) and kw["baselines"] == []
     assert "+0.500(+0.100)" in capsys.readouterr().out
     assert cli.main(["evaluate", "--bank", "B", "--target", "x/a", "--exclude-for", "zzz=m"]) == 2
+    calls.clear()
+    assert cli.main(["evaluate", "--bank", "B", "--target", "x/a", "--perturbation", "dropout:0.1", "gamma:1"]) == 2
+    assert "gamma:1 leaves every image as it is" in capsys.readouterr().err and not calls
 
 
 def test_cli_reports_missing_bank(tmp_path, capsys):
