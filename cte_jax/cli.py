@@ -567,6 +567,23 @@ def _evaluation_models(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _print_target(res: dict):
+    """One target's evaluation: its models with performance and scores, then the statistics."""
+    from cte_jax import evaluate as ev
+
+    table = {k: {v: e.get(v) for v in ev.VARIANTS} for k, e in res["estimators"].items()}
+    split = f" (split {res['split']})" if res.get("split") else ""
+    print(f"target {res['target']}: {res['n_images']} images{split}, {len(res['models'])} models, "
+          f"performance = {res['performance_label']}")
+    if res["flagged"]:
+        print(f"flagged models (foreground far below or above the bank median): {', '.join(res['flagged'])}")
+    print(_evaluation_models(res))
+    print()
+    print(_evaluation_table(table, multi=False))
+    for line in _few_images_note(res["n_images"]):
+        print(line)
+
+
 def cmd_evaluate(args) -> int:
     from cte_jax import evaluate as ev
 
@@ -588,17 +605,7 @@ def cmd_evaluate(args) -> int:
     if len(args.target) == 1:
         res = ev.evaluate(args.bank, args.target[0], labels=args.labels, split=args.split, name=names[0],
                           exclude=list(args.exclude or []) + per_target.get(names[0], []), **opts)
-        table = {k: {v: e.get(v) for v in ev.VARIANTS} for k, e in res["estimators"].items()}
-        split = f" (split {res['split']})" if res.get("split") else ""
-        print(f"target {res['target']}: {res['n_images']} images{split}, {len(res['models'])} models, "
-              f"performance = {res['performance_label']}")
-        if res["flagged"]:
-            print(f"flagged models (foreground far below or above the bank median): {', '.join(res['flagged'])}")
-        print(_evaluation_models(res))
-        print()
-        print(_evaluation_table(table, multi=False))
-        for line in _few_images_note(res["n_images"]):
-            print(line)
+        _print_target(res)
     else:
         if args.labels:
             raise CTEError("--labels works with one --target; give labelled domain folders for several")
@@ -606,7 +613,10 @@ def cmd_evaluate(args) -> int:
                                      exclude=tuple(args.exclude or []) + tuple(per_target.get(n, [])))
                    for n, t in zip(names, args.target)]
         res = ev.evaluate_targets(args.bank, targets, **opts)
-        print(f"{len(targets)} targets: {', '.join(names)}")
+        for one in res["targets"].values():
+            _print_target(one)
+            print()
+        print(f"mean (std) over the {len(targets)} targets: {', '.join(names)}")
         print(_evaluation_table(res["summary"], multi=True))
     if args.out:
         print(f"wrote {args.out}")

@@ -341,7 +341,8 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
 
     def fake_targets(bank, targets, **kw):
         calls["multi"] = (bank, targets, kw)
-        return {"summary": {"nhd@dropout:0.1": {"paper": {"mean": {"kendall_tau": 0.5, "spearman_rho": 0.6,
+        per = {t.name: {**fake, "target": t.name, "models": models[i:]} for i, t in enumerate(targets)}
+        return {"targets": per, "summary": {"nhd@dropout:0.1": {"paper": {"mean": {"kendall_tau": 0.5, "spearman_rho": 0.6,
                                                                     "pearson_r": None},
                                                            "std": {"kendall_tau": 0.1, "spearman_rho": None,
                                                                    "pearson_r": None}}}}}
@@ -368,7 +369,12 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
                      "--exclude-for", "b=m3"]) == 0
     bank, targets, kw = calls["multi"]
     assert [t.name for t in targets] == ["a", "b"] and targets[1].exclude == ("m3",) and kw["baselines"] == []
-    assert "+0.500(+0.100)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "+0.500(+0.100)" in text
+    # each target's own models and statistics come before the average
+    assert text.index("target a: 2 images") < text.index("target b: 2 images") < text.index("mean (std) over")
+    assert [line.split()[0] for line in text.splitlines() if line.split()[:1] in (["m0"], ["m1"])] == \
+        ["m0", "m1", "m0"]  # target b has only m0
     assert cli.main(["evaluate", "--bank", "B", "--target", "x/a", "--exclude-for", "zzz=m"]) == 2
     calls.clear()
     assert cli.main(["evaluate", "--bank", "B", "--target", "x/a", "--perturbation", "dropout:0.1", "gamma:1"]) == 2
