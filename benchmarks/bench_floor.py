@@ -119,13 +119,12 @@ def main(argv=None) -> dict:
                            chunk_pixels=chunk_pixels)
         scorers[metric] = engine.compiled_scorer(plan)
     key = jax.random.key(0)
-    ids = np.array([engine.stable_id(x.name) for x in models], np.int32)
     zeros = np.zeros(m, np.int32)
     boxes = [np.tile(np.array([[0, size, 0, size]], np.int32), (x.shape[0], 1)) for x in batches]
     units = [np.arange(s, s + x.shape[0], dtype=np.int32) for s, x in zip(range(0, len(xn), b), batches)]
 
     def score(metric):
-        return [np.asarray(scorers[metric](variables, zeros, zeros, ids, x[None], bx, u, key)[0])
+        return [np.asarray(scorers[metric](variables, zeros, zeros, x[None], bx, u, key)[0])
                 for x, bx, u in zip(batches, boxes, units)]
 
     with tempfile.TemporaryDirectory() as tmp:

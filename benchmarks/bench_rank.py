@@ -320,7 +320,6 @@ def engine_args(models, plan, batch_size: int, size: int):
 
     m = len(models)
     return (engine.stack_variables([x.variables for x in models]), np.zeros(m, np.int32), np.zeros(m, np.int32),
-            np.array([engine.stable_id(x.name) for x in models], np.int32),
             np.zeros((1, batch_size, size, size, 1), np.float32),
             np.tile(np.array([[0, size, 0, size]], np.int32), (batch_size, 1)),
             np.arange(batch_size, dtype=np.int32), jax.random.key(0))

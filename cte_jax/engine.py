@@ -30,8 +30,8 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def stable_id(text: str) -> int:
-    """A PRNG fold-in id that depends only on ``text``: the same model, perturbation or image
-    gets the same random draw whatever else is in the bank, the sweep or the batch."""
+    """A PRNG fold-in id that depends only on ``text``: the same perturbation gets the same
+    random draws whatever else is in the sweep or the batch."""
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
@@ -164,8 +164,13 @@ def consistency(p: Array, q: Array, mask: Array, plan: Plan, p_instances: Array 
     return jnp.stack(scores), jnp.stack(valid)
 
 
-def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs, boxes, unit_ids, key):
-    """Scores of one model on one batch: (n_perturbations n_metrics b) scores and valid flags."""
+def _score_one_model(plan: Plan, variables, channel, norm_idx, inputs, boxes, unit_ids, key):
+    """Scores of one model on one batch: (n_perturbations n_metrics b) scores and valid flags.
+
+    The random draws depend on (key, perturbation, unit) only, not on the model: every model of the
+    bank sees the same noise, strengths and dropped channel positions on an image (common random
+    numbers, as the reference's one fixed seed gives), so a model's score does not depend on its
+    name and two copies of one network score alike."""
     net = UNet(plan.spec)
     dtype = jnp.bfloat16 if plan.precision == "bfloat16" else jnp.float32
     x = inputs[norm_idx]  # this model's normalisation of the batch (b h w c)
@@ -173,12 +178,11 @@ def _score_one_model(plan: Plan, variables, channel, norm_idx, model_id, inputs,
     mask = box_mask(boxes, x.shape[1:3])
     if plan.precision == "bfloat16":
         variables = jax.tree.map(lambda v: v.astype(dtype), variables)
-    model_key = jax.random.fold_in(key, model_id)
 
     def image_keys(pert: Perturbation) -> Array:
         """Keys (n_draws b) of the perturbed draws of every image: draw 0 is the one every
         metric uses; further draws (mcdropout only) fold in their index."""
-        k = jax.random.fold_in(model_key, stable_id(pert.name))
+        k = jax.random.fold_in(key, stable_id(pert.name))
         keys = jax.vmap(lambda u: jax.random.fold_in(k, u))(unit_ids)
         extra = [jax.vmap(lambda kk, d=d: jax.random.fold_in(kk, d))(keys) for d in range(1, n_draws)]
         return jnp.stack([keys] + extra)
@@ -253,29 +257,29 @@ def compiled_scorer(plan: Plan):
 def scoring_function(plan: Plan):
     """The scoring program of ``plan``, not jitted (to be wrapped, e.g. in ``shard_map``).
 
-    Signature: (stacked_variables, channels (m), norm_idx (m), model_ids (m), inputs (k b h w c)
+    Signature: (stacked_variables, channels (m), norm_idx (m), inputs (k b h w c)
     = the batch under each of the k normalisations the group's models use, boxes (b 4) of valid
     pixels, unit_ids (b), key) -> scores, valid (m n_pert n_metric b), clean foreground fraction (m b).
     """
 
-    def run(variables, channels, norm_idx, model_ids, inputs, boxes, unit_ids, key):
+    def run(variables, channels, norm_idx, inputs, boxes, unit_ids, key):
         b, h, w = inputs.shape[1:4]
         c = b if plan.strategy == "vmap" else chunk_size(b, h, w, plan.chunk_pixels)
 
         def one(args):
-            v, ch, ni, mid = args
+            v, ch, ni = args
             if c == b:
-                return _score_one_model(plan, v, ch, ni, mid, inputs, boxes, unit_ids, key)
+                return _score_one_model(plan, v, ch, ni, inputs, boxes, unit_ids, key)
             # Sub-batches of c images, looped: every per-image result is the same as in one call
             # (dropout keys come from unit ids), only the working set shrinks.
             n = b // c
             sub = (jnp.moveaxis(inputs.reshape((inputs.shape[0], n, c) + inputs.shape[2:]), 1, 0),
                    boxes.reshape(n, c, 4), unit_ids.reshape(n, c))
-            s, val, fg = jax.lax.map(lambda a: _score_one_model(plan, v, ch, ni, mid, *a, key), sub)
+            s, val, fg = jax.lax.map(lambda a: _score_one_model(plan, v, ch, ni, *a, key), sub)
             merge = lambda a: jnp.moveaxis(a, 0, -2).reshape(a.shape[1:-1] + (b,))  # (n ... c) -> (... b)
             return merge(s), merge(val), fg.reshape(b)
 
-        xs = (variables, channels, norm_idx, model_ids)
+        xs = (variables, channels, norm_idx)
         if plan.strategy == "vmap":
             return jax.vmap(lambda *a: one(a))(*xs)
         return jax.lax.map(one, xs)
@@ -289,13 +293,12 @@ def stack_variables(variable_list: Sequence) -> dict:
 
 
 def score_black_box(predict, pert_list: Sequence[Perturbation], plan_metrics: Sequence[str], *, x: np.ndarray,
-                    boxes: np.ndarray, unit_ids: np.ndarray, key: Array, model_id: int, threshold: float,
+                    boxes: np.ndarray, unit_ids: np.ndarray, key: Array, threshold: float,
                     channel: int = 0, task: str = "foreground") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score a black-box model (host predict function) on normalised images x (b h w c) with input
     perturbations; perturbations and metrics still run compiled on the device."""
     plan = _bb_plan(tuple(plan_metrics), threshold, task)
     mask = box_mask(jnp.asarray(boxes), x.shape[1:3])
-    model_key = jax.random.fold_in(key, model_id)
     clean = np.asarray(predict(x))[..., channel]
     fg = np.asarray(foreground_fraction(jnp.asarray(clean), mask, threshold))
     if plan.clean_only:  # baselines of the clean pass: no perturbed prediction, one set of scores
@@ -305,7 +308,7 @@ def score_black_box(predict, pert_list: Sequence[Perturbation], plan_metrics: Se
     clean_inst = instances_of(jnp.asarray(clean), mask, plan) if "vrand" in plan.metrics else None
     scores, valid = [], []
     for pert in pert_list:
-        k = jax.random.fold_in(model_key, stable_id(pert.name))
+        k = jax.random.fold_in(key, stable_id(pert.name))
         xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x), mask)
         q = np.asarray(predict(np.asarray(xp)))[..., channel]
         s, v = _bb_metrics(plan)(jnp.asarray(clean), jnp.asarray(q), mask, clean_inst)

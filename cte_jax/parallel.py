@@ -92,16 +92,15 @@ def sharded_scorer(plan: engine.Plan, mesh: Mesh, mode: str):
     ``models``: each device scores its slice of the stacked model axis on the whole batch (the
     model axis must be a multiple of the device count). ``images``: each device scores every
     model on its slice of the batch (b a multiple of the device count). Random draws are keyed by
-    (model, perturbation, unit) ids, not by position, so either split gives the single-device
-    scores.
+    (perturbation, unit) ids, not by position, so either split gives the single-device scores.
     """
     inner = engine.scoring_function(plan)
     d = AXIS
     if mode == "models":
-        in_specs = (P(d), P(d), P(d), P(d), P(), P(), P(), P())
+        in_specs = (P(d), P(d), P(d), P(), P(), P(), P())
         out_specs = (P(d), P(d), P(d))
     elif mode == "images":
-        in_specs = (P(), P(), P(), P(), P(None, d), P(d), P(d), P())
+        in_specs = (P(), P(), P(), P(None, d), P(d), P(d), P())
         out_specs = (P(None, None, None, d), P(None, None, None, d), P(None, d))
     else:
         raise ValueError(f"mode {mode!r} is not 'models' or 'images'")
@@ -125,8 +124,8 @@ class Executor:
 
         ex = Executor(shard="auto")
         placed = ex.place(stacked_variables, batch_size=8)
-        scores, valid, fg = ex.score(plan, placed, channels, norm_idx, model_ids, inputs, boxes,
-                                     unit_ids, key)   # numpy, shapes as engine.compiled_scorer
+        scores, valid, fg = ex.score(plan, placed, channels, norm_idx, inputs, boxes, unit_ids,
+                                     key)   # numpy, shapes as engine.compiled_scorer
     """
 
     def __init__(self, *, devices: int | Sequence[jax.Device] | None = None, shard: str = "auto"):
@@ -165,24 +164,24 @@ class Executor:
         sel = np.asarray(idx, np.int32)
         return self.place(jax.tree.map(lambda v: v[sel], placed.variables), batch_size=batch_size)
 
-    def score(self, plan: engine.Plan, placed: Placed, channels, norm_idx, model_ids, inputs, boxes, unit_ids,
+    def score(self, plan: engine.Plan, placed: Placed, channels, norm_idx, inputs, boxes, unit_ids,
               key) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores, valid (m P M b) and clean foreground fractions (m b) as host arrays, without
         the dummy models and empty rows the split added."""
         m, b = placed.n_models, int(boxes.shape[0])
-        channels, norm_idx, model_ids = (np.asarray(a, np.int32) for a in (channels, norm_idx, model_ids))
+        channels, norm_idx = (np.asarray(a, np.int32) for a in (channels, norm_idx))
         if placed.mode == "none":
-            out = engine.compiled_scorer(plan)(placed.variables, channels, norm_idx, model_ids, inputs, boxes,
-                                               unit_ids, key)
+            out = engine.compiled_scorer(plan)(placed.variables, channels, norm_idx, inputs, boxes, unit_ids,
+                                               key)
         elif placed.mode == "models":
             mp = int(jax.tree.leaves(placed.variables)[0].shape[0])
             pad = functools.partial(_pad_rows, n=mp, repeat_first=True)
             out = sharded_scorer(plan, self.mesh, "models")(placed.variables, pad(channels), pad(norm_idx),
-                                                           pad(model_ids), inputs, boxes, unit_ids, key)
+                                                           inputs, boxes, unit_ids, key)
         else:
             bp = _pad_to(b, self.n_devices)
             out = sharded_scorer(plan, self.mesh, "images")(
-                placed.variables, channels, norm_idx, model_ids,
+                placed.variables, channels, norm_idx,
                 _pad_rows(np.asarray(inputs), bp, axis=1, repeat_first=False),
                 _pad_rows(np.asarray(boxes, np.int32), bp, repeat_first=False),
                 _pad_rows(np.asarray(unit_ids, np.int32), bp, repeat_first=False), key)

@@ -190,12 +190,11 @@ class _Group:
     placed: Any = None  # parallel.Placed
     subsets: dict = dataclasses.field(default_factory=dict)  # positions -> Placed, for resumed runs
 
-    def args(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def args(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ms = [self.models[i] for i in pos]
         norm_idx = np.array([self.norm_keys.index(_norm_key(m)) for m in ms], np.int32)
         channels = np.array([m.channel for m in ms], np.int32)
-        model_ids = np.array([engine.stable_id(m.name) for m in ms], np.int32)
-        return channels, norm_idx, model_ids
+        return channels, norm_idx
 
 
 def _groups(models: Sequence[Model], index: Sequence[int], perts, metrics, threshold, strategy, precision,
@@ -352,7 +351,7 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
     store = None
     if results is not None:
         config = {"target": str(Path(getattr(tgt, "path", "")).resolve()), "n_images": len(tgt),
-                  "names": zlib.crc32("\n".join(tgt.names).encode()), "seed": seed, "threshold": threshold,
+                  "names": zlib.crc32("\n".join(tgt.names).encode()), "seed": seed, "draws": "common", "threshold": threshold,
                   "precision": precision, "tile": tile, "halo": halo, "tile_above": tile_above, "multiple": multiple}
         store = ResultsStore(results, config=config, fingerprints={m.name: model_fingerprint(m) for m in models},
                              resume=resume, process_index=proc, process_count=n_proc)
@@ -407,8 +406,7 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
                 if len(pp):
                     s, v, fg = engine.score_black_box(m.predict, [perts[i] for i in pp], metrics,
                                                       x=batch.inputs[_norm_key(m)], boxes=batch.boxes,
-                                                      unit_ids=batch.unit_ids, key=key,
-                                                      model_id=engine.stable_id(m.name), threshold=threshold,
+                                                      unit_ids=batch.unit_ids, key=key, threshold=threshold,
                                                       channel=m.channel, task=m.task)
                     enter([mi], pp, names, images, s[None][..., real], v[None][..., real], fg[None][:, real])
             bar.update(batch.images_read * len(model_share))

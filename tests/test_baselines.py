@@ -299,8 +299,8 @@ def _engine_scores(plan, models, x, boxes):
     fn = engine.compiled_scorer(plan)
     variables = engine.stack_variables([m.variables for m in models])
     n = len(models)
-    s, v, fg = fn(variables, np.zeros(n, np.int32), np.zeros(n, np.int32), np.arange(n, dtype=np.int32), x[None],
-                  boxes, np.arange(x.shape[0], dtype=np.int32), jax.random.key(0))
+    s, v, fg = fn(variables, np.zeros(n, np.int32), np.zeros(n, np.int32), x[None], boxes,
+                  np.arange(x.shape[0], dtype=np.int32), jax.random.key(0))
     return np.asarray(s), np.asarray(v)
 
 
@@ -354,9 +354,8 @@ def test_engine_clean_only_baselines_skip_the_perturbed_passes():
     def n_convs(plan):
         fn = engine.scoring_function(plan)
         variables = engine.stack_variables([m.variables for m in models])
-        jaxpr = jax.make_jaxpr(fn)(variables, np.zeros(2, np.int32), np.zeros(2, np.int32),
-                                   np.arange(2, dtype=np.int32), x[None], boxes, np.arange(2, dtype=np.int32),
-                                   jax.random.key(0))
+        jaxpr = jax.make_jaxpr(fn)(variables, np.zeros(2, np.int32), np.zeros(2, np.int32), x[None], boxes,
+                                   np.arange(2, dtype=np.int32), jax.random.key(0))
         return str(jaxpr).count("conv_general_dilated")
 
     assert n_convs(only) < n_convs(mixed)
@@ -373,7 +372,7 @@ def test_black_box_clean_only_baselines_predict_once():
     x = rng.normal(size=(2, 16, 16, 1)).astype(np.float32)
     boxes = np.array([[0, 16, 0, 16], [0, 12, 0, 14]], np.int32)
     perts = [parse_perturbation(p) for p in ("noise:0.2", "gamma:1.5")]
-    kw = dict(x=x, boxes=boxes, unit_ids=np.arange(2, dtype=np.int32), key=jax.random.key(0), model_id=0,
+    kw = dict(x=x, boxes=boxes, unit_ids=np.arange(2, dtype=np.int32), key=jax.random.key(0),
               threshold=0.5)
     s, v, _ = engine.score_black_box(predict, perts, ("confidence", "entropy"), **kw)
     assert len(calls) == 1  # the clean pass only

@@ -101,6 +101,23 @@ def test_batch_size_does_not_change_scores(target):
     assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
 
 
+def test_scores_do_not_depend_on_model_names_and_copies_tie(target):
+    """Every model sees the same random draws: a copy of a model under another name scores exactly
+    as the original, and renaming a model leaves its scores alone."""
+    m0, m1 = _models(2)
+    kw = dict(perturbations=["dropout:0.3", "noise:0.05-0.2"], metrics=["nhd", "ei"], progress=False)
+    copy = dataclasses.replace(m0, name="zz_copy")
+    by = lambda recs: {(r["model"], r["perturbation"], r["metric"]): r["score"] for r in recs}
+    a = by(rank([m0, m1, copy], target, **kw))
+    for pert in kw["perturbations"]:
+        for metric in kw["metrics"]:
+            assert a[("zz_copy", pert, metric)] == a[(m0.name, pert, metric)]
+            assert a[(m0.name, pert, metric)] != a[(m1.name, pert, metric)]
+    b = by(rank([m0, dataclasses.replace(m1, name="renamed")], target, **kw))
+    for (name, pert, metric), score in b.items():
+        assert score == a[(m1.name if name == "renamed" else name, pert, metric)]
+
+
 def test_zero_dropout_is_perfectly_consistent(target):
     recs = rank(_models(2), target, perturbations=["dropout:0"], metrics=["nhd", "ei", "vrand"], progress=False)
     for r in recs:
@@ -115,7 +132,7 @@ def test_second_batch_does_not_recompile():
     plan = engine.Plan(spec=SPEC, perturbations=(parse_perturbation("dropout:0.2"),), metrics=("nhd", "vrand"))
     fn = engine.compiled_scorer(plan)
     variables = engine.stack_variables([m.variables for m in models])
-    args = (np.zeros(2, np.int32), np.zeros(2, np.int32), np.arange(2, dtype=np.int32))
+    args = (np.zeros(2, np.int32), np.zeros(2, np.int32))
     boxes = np.array([[0, 32, 0, 32]] * 3, np.int32)
     for seed in range(3):
         x = np.random.default_rng(seed).normal(size=(1, 3, 32, 32, 1)).astype(np.float32)
@@ -131,7 +148,7 @@ def test_image_sub_batches_give_the_per_image_results_of_one_call(chunk_pixels):
     models = _models(2)
     perts = (parse_perturbation("noise:0.1"), parse_perturbation("dropout:0.2"))
     variables = engine.stack_variables([m.variables for m in models])
-    args = (np.zeros(2, np.int32), np.zeros(2, np.int32), np.arange(2, dtype=np.int32))
+    args = (np.zeros(2, np.int32), np.zeros(2, np.int32))
     x = np.random.default_rng(4).normal(size=(1, 6, 32, 32, 1)).astype(np.float32)
     boxes = np.array([[0, 32, 0, 32]] * 5 + [[0, 20, 0, 25]], np.int32)
     units = np.arange(6, dtype=np.int32) + 10

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from cte_jax import parallel
+from cte_jax import parallel, ranking
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 from cte_jax.modelio import Model
@@ -267,18 +267,25 @@ class _Interrupt(Exception):
 
 
 def _counting(monkeypatch):
-    """Count the units each (model, perturbation) pair is scored on by the executor."""
+    """Count the units each (model name, perturbation) pair is scored on by the executor."""
     seen: Counter = Counter()
-    real = parallel.Executor.score
+    real_score, real_args = parallel.Executor.score, ranking._Group.args
+    scored = []  # the names of the models whose arguments were built last
 
-    def score(self, plan, placed, channels, norm_idx, model_ids, inputs, boxes, unit_ids, key):
-        out = real(self, plan, placed, channels, norm_idx, model_ids, inputs, boxes, unit_ids, key)
+    def args(self, pos):
+        scored[:] = [self.models[i].name for i in pos]
+        return real_args(self, pos)
+
+    def score(self, plan, placed, *rest):
+        out = real_score(self, plan, placed, *rest)
+        boxes = rest[3]
         n_real = int(np.sum((boxes[:, 1] > boxes[:, 0])))
-        for mid in model_ids:
+        for name in scored:
             for p in plan.perturbations:
-                seen[(int(mid), p.name)] += n_real
+                seen[(name, p.name)] += n_real
         return out
 
+    monkeypatch.setattr(ranking._Group, "args", args)
     monkeypatch.setattr(parallel.Executor, "score", score)
     return seen
 
@@ -302,8 +309,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(models, target
     seen = _counting(monkeypatch)
     resumed = rank(models, target, results=path, resume=True, **kw)
     assert resumed == reference
-    from cte_jax.engine import stable_id
-    assert dict(seen) == {(stable_id(m.name), "dropout:0.2"): 2 for m in models}  # only the missing units
+    assert dict(seen) == {(m.name, "dropout:0.2"): 2 for m in models}  # only the missing units
 
 
 def test_cut_results_file_recomputes_only_what_is_missing(models, target, tmp_path, monkeypatch):
@@ -318,8 +324,7 @@ def test_cut_results_file_recomputes_only_what_is_missing(models, target, tmp_pa
     resumed = rank(models, target, results=path, resume=True, **kw)
     assert resumed == reference
     # Each model scored exactly the 4 units that were not in the file, once.
-    from cte_jax.engine import stable_id
-    assert dict(seen) == {(stable_id(m.name), "dropout:0.2"): 6 - len(kept) for m in models}
+    assert dict(seen) == {(m.name, "dropout:0.2"): 6 - len(kept) for m in models}
 
 
 def test_extended_bank_and_sweep_run_only_the_new_pairs(models, target, tmp_path, monkeypatch):
@@ -328,9 +333,7 @@ def test_extended_bank_and_sweep_run_only_the_new_pairs(models, target, tmp_path
     rank(models[:2], target, perturbations=["dropout:0.2"], results=path, **kw)
     seen = _counting(monkeypatch)
     got = rank(models, target, perturbations=["dropout:0.2", "dropout:0.3"], results=path, resume=True, **kw)
-    from cte_jax.engine import stable_id
-    ids = {stable_id(m.name): m.name for m in models}
-    pairs = {(ids[mid], p) for (mid, p) in seen}
+    pairs = set(seen)
     assert pairs == {("m0", "dropout:0.3"), ("m1", "dropout:0.3"), ("m2", "dropout:0.2"), ("m2", "dropout:0.3")}
     assert all(n == 6 for n in seen.values())
     monkeypatch.undo()
