@@ -437,6 +437,7 @@ def check_test_output(pkg: Package, model, provenance: dict, *, normalize_given:
         to the output's scale): the converted model does not compute what the package does.
     """
     import jax
+    import jax.numpy as jnp
 
     from converters.onnx_model import VERIFY_TOLERANCE
     from cte_jax.preprocess import Normalization, normalize
@@ -477,6 +478,15 @@ def check_test_output(pkg: Package, model, provenance: dict, *, normalize_given:
         raise CTEError(f"the converted model does not reproduce the package's test output: max abs difference "
                        f"{diff:.3g} (tolerance {tol:.3g}); nothing was written", pkg.test_output)
     provenance["test_output_max_abs_diff"] = diff
+    # What the ranking will see: the share of the test input called foreground in the scored channel.
+    if model.is_black_box:
+        probs = np.asarray(y, np.float32)
+    else:
+        from cte_jax.networks import UNet, probabilities
+
+        logits = jax.jit(lambda v, a: UNet(model.spec).apply(v, a, method=UNet.logits))(model.variables, x)
+        probs = np.asarray(probabilities(model.spec, logits.astype(jnp.float32)))
+    provenance["test_output_foreground_fraction"] = float(np.mean(probs[..., model.channel] > 0.5))
 
 
 def convert(source: str | os.PathLike, *, normalize: Any = None, out: str | os.PathLike | None,

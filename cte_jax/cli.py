@@ -404,6 +404,10 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# The share of a package's test input its converted model may call foreground without a warning.
+SANE_TEST_FOREGROUND = (0.001, 0.9)
+
+
 def _conversion_facts(desc: dict) -> list[str]:
     """What a user should know about a converted model: its kind, its outputs, how it was checked."""
     prov = desc.get("provenance") or {}
@@ -421,6 +425,12 @@ def _conversion_facts(desc: dict) -> list[str]:
         lines.append(f"reproduces the package's test output (max abs difference {diff:.2g})")
     elif "test_output_check" in prov:
         lines.append(f"test output not compared: {prov['test_output_check'].removeprefix('skipped: ')}")
+    fg = prov.get("test_output_foreground_fraction")
+    if fg is not None and not SANE_TEST_FOREGROUND[0] <= fg <= SANE_TEST_FOREGROUND[1]:
+        lines.append(f"warning: on the package's own test input, {fg:.1%} of the pixels of the scored channel "
+                     f"({desc.get('channel', 0)}) come out foreground. If that channel is not a foreground map "
+                     f"(or its values are not logits or probabilities), rankings with this model mean little: "
+                     f"check --channel and --task")
     if prov.get("verified_max_abs_diff") is not None:
         lines.append(f"matches onnxruntime on a random input (max abs difference {prov['verified_max_abs_diff']:.2g})")
     return lines

@@ -39,15 +39,18 @@ ORDER_SURE = 0.95  # below it, `rank` calls a model and the next one down a clos
 
 def reference_foreground(fractions: Iterable[float]) -> float:
     """The bank's typical foreground fraction on a target, which the flags compare against: the
-    median over the models that predict at most half of the image (HIGH_FOREGROUND_MIN), or over
-    all of them when none does. A plain median fails when most of the bank has the wrong polarity:
-    on stained-tissue nuclei, 7 of our 10 fluorescence models segmented the background (foreground
-    0.83-0.92), the median became 0.84, and none was flagged."""
+    median over the models that predict at most half of the image (HIGH_FOREGROUND_MIN).
+
+    A plain median fails when most of the bank has the wrong polarity: on stained-tissue nuclei, 7
+    of our 10 fluorescence models segmented the background (foreground 0.83-0.92), the median
+    became 0.84, and none was flagged. When every model calls more than half of the image
+    foreground there is no plausible model to compare with, and the reference is
+    HIGH_FOREGROUND_MIN / HIGH_FOREGROUND_RATIO, so that every one of them is flagged high."""
     fg = [float(f) for f in fractions]
     if not fg:
         return 0.0
     plausible = [f for f in fg if f <= HIGH_FOREGROUND_MIN]
-    return float(np.median(plausible or fg))
+    return float(np.median(plausible)) if plausible else HIGH_FOREGROUND_MIN / HIGH_FOREGROUND_RATIO
 
 
 @dataclasses.dataclass

@@ -94,6 +94,22 @@ def test_fixed_shape_state_dict_reproduces_test_output(tmp_path):
 
 
 @needs_shared
+def test_conversion_warns_when_the_scored_channel_is_all_foreground_on_the_test_input(tmp_path):
+    """Fixed-shape outputs values in [0.003, 1.24], taken as logits: after the sigmoid every pixel
+    of its test input is foreground, which the converter says. nuclei_broad gets no warning."""
+    from cte_jax.cli import _conversion_facts
+
+    fixed = json.loads((converters.convert(FIXED, format="bioimageio", out=tmp_path / "f") / "model.json").read_text())
+    ref = np.load(FIXED / "test_output.npy")[:, 0]  # logits (no final activation): foreground where > 0
+    assert fixed["provenance"]["test_output_foreground_fraction"] == pytest.approx(np.mean(ref > 0), abs=1e-6)
+    assert any(line.startswith("warning:") and "100.0%" in line for line in _conversion_facts(fixed))
+    nuclei = json.loads((converters.convert(NUCLEI, format="bioimageio", out=tmp_path / "n") / "model.json").read_text())
+    want = np.mean(np.load(NUCLEI / "test_output.npy")[:, 0] > 0.5)  # ends in a sigmoid
+    assert 0.01 < nuclei["provenance"]["test_output_foreground_fraction"] == pytest.approx(want, abs=1e-3)
+    assert not any(line.startswith("warning:") for line in _conversion_facts(nuclei))
+
+
+@needs_shared
 def test_package_whose_test_output_is_not_reproduced_is_refused(tmp_path):
     """The converter runs the package's test input and compares with its test output: a package
     whose output differs (here: replaced by a constant) is refused, with nothing written."""

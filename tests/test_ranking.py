@@ -264,10 +264,27 @@ def test_majority_of_wrong_polarity_is_still_flagged(target):
     assert not any(r["low_foreground"] for r in recs.values())
 
 
+def test_a_bank_wholly_of_the_wrong_polarity_is_flagged(target, capsys):
+    # Every model segments (nearly) the whole image: there is no plausible model to compare with,
+    # and a relative rule alone flagged none of them (a review's bank on stained tissue, fg
+    # 0.63-1.00). Every one is flagged high, and the table says the bank does not fit the target.
+    from cte_jax.cli import _table
+
+    models = [_models(1)[0] for _ in range(3)]
+    for i, m in enumerate(models):
+        m.name = f"m{i}"
+        m.variables["params"]["final"]["bias"] = m.variables["params"]["final"]["bias"] + 30.0 + i
+    recs = rank(models, target, progress=False)
+    assert all(r["foreground_fraction"] == 1.0 and r["high_foreground"] for r in recs)
+    assert "3 of 3 models are flagged" in " ".join(_table(recs).split())
+
+
 def test_reference_foreground_is_the_median_of_plausible_models():
-    from cte_jax.ranking import reference_foreground
+    from cte_jax.ranking import HIGH_FOREGROUND_MIN, HIGH_FOREGROUND_RATIO, reference_foreground
 
     assert reference_foreground([0.3, 0.84, 0.92, 0.28, 0.85]) == pytest.approx(0.29)
     assert reference_foreground([0.1, 0.2, 0.5]) == pytest.approx(0.2)  # half the image still counts
-    assert reference_foreground([0.7, 0.9, 0.8]) == pytest.approx(0.8)  # none plausible: all of them
+    # none plausible: a reference at which every model is above the high flag's threshold
+    ref = reference_foreground([0.7, 0.9, 0.51])
+    assert HIGH_FOREGROUND_RATIO * ref <= HIGH_FOREGROUND_MIN < 0.51
     assert reference_foreground([]) == 0.0
