@@ -23,6 +23,22 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     return z / z.sum(axis=axis, keepdims=True)
 
 
+def sliding_windows(n: int, size: int) -> list[tuple[int, int, int]]:
+    """Windows of ``size`` pixels covering an axis of ``n >= size``: ``(start, keep_from, keep_to)``.
+
+    Neighbouring windows overlap by twice a halo (a quarter of the window, at most 32 px); each
+    keeps its pixels but the halo at an inner edge, so every kept pixel has context on both sides
+    (or lies at the image border, where the whole image has none either). The kept ranges cover
+    [0, n); where the last window (moved back to end at n) overlaps more, it overwrites.
+    """
+    if n <= size:
+        return [(0, 0, n)]
+    halo = min(32, size // 4)
+    starts = list(range(0, n - size, size - 2 * halo)) + [n - size]
+    return [(s, 0 if i == 0 else s + halo, n if i == len(starts) - 1 else s + size - halo)
+            for i, s in enumerate(starts)]
+
+
 def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any], *, raw: bool = False
                    ) -> Callable[[np.ndarray], np.ndarray]:
     """A host function running an ONNX model on normalised images.
@@ -76,6 +92,19 @@ def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any], *,
         g = np.ascontiguousarray(x.transpose(to_graph))
         return sess.run([out_name], {in_name: g})[0]
 
+    def run_batch(x: np.ndarray) -> np.ndarray:
+        """The graph on (b h w c) images of a size it takes: (b h w c_out) raw outputs."""
+        n, fixed_batch = x.shape[0], fixed[axes.index("b")]
+        if fixed_batch is None or fixed_batch == n:
+            return np.asarray(run(x), np.float32).transpose(from_graph)
+        out = []  # batches of exactly fixed_batch images, the last one filled up with copies
+        for i in range(0, n, fixed_batch):
+            part = x[i:i + fixed_batch]
+            fill = np.repeat(part[-1:], fixed_batch - len(part), axis=0)
+            y = np.asarray(run(np.concatenate([part, fill])), np.float32).transpose(from_graph)
+            out.append(y[:len(part)])
+        return np.concatenate(out)
+
     def predict(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         if x.ndim != 4:
@@ -83,19 +112,19 @@ def onnx_predictor(onnx_path: str | os.PathLike, description: dict[str, Any], *,
         b, h, w, _ = x.shape
         th = fixed[axes.index("y")] or h
         tw = fixed[axes.index("x")] or w
-        if th < h or tw < w:
-            raise ValueError(f"image {h}x{w} is larger than the ONNX graph's fixed input {th}x{tw}")
-        if (th, tw) != (h, w):
-            x = np.pad(x, ((0, 0), (0, th - h), (0, tw - w), (0, 0)), mode="symmetric")
-        fixed_batch = fixed[axes.index("b")]
-        if fixed_batch is not None and fixed_batch != b:
-            if fixed_batch != 1:
-                raise ValueError(f"the ONNX graph takes batches of exactly {fixed_batch}")
-            outs = [run(x[i:i + 1]) for i in range(b)]
-            y = np.concatenate(outs, axis=axes.index("b"))
-        else:
-            y = run(x)
-        y = np.asarray(y, np.float32).transpose(from_graph)[:, :h, :w, :]
+        if (h, w) != (max(h, th), max(w, tw)):  # smaller than the graph's fixed input: mirror-pad
+            x = np.pad(x, ((0, 0), (0, max(h, th) - h), (0, max(w, tw) - w), (0, 0)), mode="symmetric")
+        if x.shape[1:3] == (th, tw):
+            y = run_batch(x)
+        else:  # larger: windows of the fixed input size, each keeping all but a halo at inner edges
+            y = None
+            for y0, ky0, ky1 in sliding_windows(x.shape[1], th):
+                for x0, kx0, kx1 in sliding_windows(x.shape[2], tw):
+                    part = run_batch(x[:, y0:y0 + th, x0:x0 + tw])
+                    if y is None:
+                        y = np.empty(x.shape[:3] + part.shape[3:], np.float32)
+                    y[:, ky0:ky1, kx0:kx1] = part[:, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+        y = y[:, :h, :w, :]
         if post == "sigmoid":
             y = _sigmoid(y)
         elif post == "softmax":

@@ -64,12 +64,51 @@ def test_postprocessing(tmp_path, post):
     np.testing.assert_allclose(predict(x), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_fixed_shape_graph_pads_loops_and_refuses_larger(tmp_path):
+def _conv3x3_graph(tmp_path, side):
+    """y = conv3x3(x), zero padding 1, on a fixed (1 1 side side) input."""
+    k = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3) / 10 - 0.3
+    node = helper.make_node("Conv", ["x", "K"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [node], "g3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, side, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, side, side])], [numpy_helper.from_array(k, "K")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "g3.onnx")
+    return tmp_path / "g3.onnx", k[0, 0]
+
+
+def test_fixed_shape_graph_pads_smaller_and_slides_over_larger_images(tmp_path):
     predict = onnx_predictor(_graph(tmp_path, shape=(1, 1, 16, 16)), {}, raw=True)
     x = _images(b=3, h=10, w=12, seed=2)
     np.testing.assert_allclose(predict(x), _oracle(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="larger"):
-        predict(_images(b=1, h=17, w=16))
+    x = _images(b=2, h=37, w=9, seed=3)  # taller than the graph's input, narrower
+    np.testing.assert_allclose(predict(x), _oracle(x), rtol=1e-6, atol=1e-6)
+    predict = onnx_predictor(_graph(tmp_path, shape=(2, 1, "h", "w"), name="b2.onnx"), {}, raw=True)
+    x = _images(b=5, h=8, w=8, seed=5)  # batches of exactly 2: the last one is filled up
+    np.testing.assert_allclose(predict(x), _oracle(x), rtol=1e-6, atol=1e-6)
+    # A 3x3 convolution needs one pixel of context: windows with a halo give the whole-image result.
+    from scipy import ndimage
+
+    path, k = _conv3x3_graph(tmp_path, 16)
+    predict = onnx_predictor(path, {}, raw=True)
+    x = _images(b=2, h=45, w=50, seed=4)
+    want = np.stack([ndimage.correlate(img[..., 0], k, mode="constant") for img in x])[..., None]
+    np.testing.assert_allclose(predict(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,size", [(16, 16), (17, 16), (45, 16), (100, 64), (1000, 256), (257, 256)])
+def test_sliding_windows_cover_the_axis_with_context(n, size):
+    from cte_jax.blackbox import sliding_windows
+
+    wins = sliding_windows(n, size)
+    halo = min(32, size // 4)
+    covered = np.zeros(n, int)
+    for start, lo, hi in wins:
+        assert 0 <= start and start + size <= n and start <= lo < hi <= start + size
+        assert lo == 0 or lo - start >= halo  # context before every kept pixel, or the image border
+        assert hi == n or start + size - hi >= halo
+        covered[lo:hi] += 1
+    assert covered.min() >= 1
 
 
 def test_errors(tmp_path, monkeypatch):
