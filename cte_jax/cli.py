@@ -98,7 +98,7 @@ def _architecture_note(records: list[dict]) -> list[str]:
         return []
     mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
     text = (f"bottleneck dropout is not equally strong for every architecture, and these models "
-            f"have {len(counts)} (channels per level: {mix}). In our nuclei study, with every model trained "
+            f"have {len(counts)} architectures (channels per level, with the number of models: {mix}). In our nuclei study, with every model trained "
             f"to convergence, CTE-NHD ranked a narrower 3-level model 2.2 places below its true place on "
             f"average and a 4-level model 1.3 places above it (benchmarks/RESULTS.md). Compare scores within "
             f"one architecture and training length, or check the order with --metric ei, which moved those "
@@ -229,6 +229,10 @@ def _check_out(path: str | None, suffixes: Sequence[str]):
         raise CTEError(f"output must end in {' or '.join(suffixes)}", p)
     if not p.parent.exists():
         raise CTEError("output folder does not exist", p.parent)
+    try:  # found now, not after the whole run: the file is written through a temporary one there
+        tempfile.TemporaryFile(dir=p.parent).close()
+    except OSError as e:
+        raise CTEError(f"cannot write in the output folder ({e.strerror or e})", p.parent) from None
 
 
 def _check_perturbations(texts: Sequence[str]):
@@ -262,6 +266,8 @@ def cmd_rank(args) -> int:
         results = default_results_path(args.json or args.csv)
     if args.resume and results is None:
         raise CTEError("--resume needs --results FILE, or the --json/--csv of the interrupted run")
+    if args.resume and args.overwrite:
+        raise CTEError("--resume continues the results file, --overwrite discards it: give one of them")
     if args.devices is not None and args.devices < 1:
         raise CTEError("--devices must be at least 1")
     process = 0
@@ -275,8 +281,8 @@ def cmd_rank(args) -> int:
     records = rank(bank, target, perturbations=args.perturbation, metrics=args.metric, aggregate=args.aggregate,
                    seed=args.seed, batch_size=args.batch_size, strategy=args.strategy, precision=args.precision,
                    threshold=args.threshold, tile_above=args.tile_above, progress=not args.quiet and process == 0,
-                   dataset=args.dataset, results=results, resume=args.resume, devices=args.devices,
-                   shard=args.shard)
+                   dataset=args.dataset, results=results, resume=args.resume, overwrite=args.overwrite,
+                   devices=args.devices, shard=args.shard)
     if process != 0:  # process 0 prints and writes the gathered result
         return 0
     # files first: a reader that stops early (`| head`) must not cost them
@@ -343,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results", metavar="FILE", help="append every per-image score to this .jsonl as it is "
                    "computed (default with --json/--csv: OUT.scores.jsonl beside it)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its results file: "
-                   "scored images are not read again and finished (model, perturbation) pairs never rerun")
+                   "scored images are not read again and finished (model, perturbation) pairs never rerun "
+                   "(adding a metric reruns every pair: scores are stored per pair with all their metrics)")
+    g.add_argument("--overwrite", action="store_true", help="start the results file afresh although it holds an "
+                   "earlier run's scores (without --resume or --overwrite such a file is refused, not lost)")
     g.add_argument("--devices", type=int, metavar="N", help="use the first N local devices (default: all)")
     g.add_argument("--shard", default="auto", choices=["auto", "none", "models", "images"],
                    help="split the bank (models) or each batch of images (images) over the devices; auto: "

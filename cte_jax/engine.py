@@ -296,18 +296,32 @@ def score_black_box(predict, pert_list: Sequence[Perturbation], plan_metrics: Se
                     boxes: np.ndarray, unit_ids: np.ndarray, key: Array, threshold: float,
                     channel: int = 0, task: str = "foreground") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score a black-box model (host predict function) on normalised images x (b h w c) with input
-    perturbations; perturbations and metrics still run compiled on the device."""
+    perturbations; perturbations and metrics still run compiled on the device.
+
+    A feature perturbation cannot reach a black box's layers: under one, only the clean-pass
+    baselines (CLEAN_METRICS) are scored, and every other metric is left invalid.
+    """
     plan = _bb_plan(tuple(plan_metrics), threshold, task)
     mask = box_mask(jnp.asarray(boxes), x.shape[1:3])
     clean = np.asarray(predict(x))[..., channel]
     fg = np.asarray(foreground_fraction(jnp.asarray(clean), mask, threshold))
-    if plan.clean_only:  # baselines of the clean pass: no perturbed prediction, one set of scores
-        s, v = _bb_metrics(plan)(jnp.asarray(clean), jnp.asarray(clean), mask, None)
+    in_clean = np.array([m in CLEAN_METRICS for m in plan_metrics])
+    s_clean = np.zeros((len(plan_metrics), x.shape[0]), np.float32)
+    v_clean = np.zeros((len(plan_metrics), x.shape[0]), bool)
+    if in_clean.any():  # baselines of the clean pass: no perturbed prediction, one set of scores
+        cplan = _bb_plan(tuple(m for m in plan_metrics if m in CLEAN_METRICS), threshold, task)
+        s, v = _bb_metrics(cplan)(jnp.asarray(clean), jnp.asarray(clean), mask, None)
+        s_clean[in_clean], v_clean[in_clean] = np.asarray(s), np.asarray(v)
+    if plan.clean_only or all(p.is_feature for p in pert_list):
         n = len(pert_list)
-        return np.repeat(np.asarray(s)[None], n, 0), np.repeat(np.asarray(v)[None], n, 0), fg
+        return np.repeat(s_clean[None], n, 0), np.repeat(v_clean[None], n, 0), fg
     clean_inst = instances_of(jnp.asarray(clean), mask, plan) if "vrand" in plan.metrics else None
     scores, valid = [], []
     for pert in pert_list:
+        if pert.is_feature:
+            scores.append(s_clean)
+            valid.append(v_clean)
+            continue
         k = jax.random.fold_in(key, stable_id(pert.name))
         xp = _bb_perturb(pert)(jax.vmap(lambda u: jax.random.fold_in(k, u))(jnp.asarray(unit_ids)), jnp.asarray(x), mask)
         q = np.asarray(predict(np.asarray(xp)))[..., channel]

@@ -235,6 +235,10 @@ def _check_inputs(models: Sequence[Model], perts: Sequence[Perturbation], metric
         raise CTEError("a perturbation is given twice")
     if len({m.name for m in models}) != len(models):
         raise CTEError("two models of the bank have the same name")
+    if models and all(m.is_black_box for m in models) and all(p.is_feature for p in perts) \
+            and not any(k in engine.CLEAN_METRICS for k in metrics):
+        raise CTEError(f"every model of the bank is a black box (e.g. ONNX), whose layers {', '.join(p.name for p in perts)} "
+                       f"cannot reach: give an input perturbation, e.g. --perturbation noise:0.01-0.03")
 
 
 def _split(need: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -254,8 +258,8 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
          strategy: str = "auto", precision: str = "float32", threshold: float = 0.5, tile: int = 256,
          halo: int = 32, tile_above: int = 1024, progress: bool = True, dataset: str | None = None,
          on_scores: Callable[[str, str, str, list[str], np.ndarray, np.ndarray], None] | None = None,
-         results: str | Path | None = None, resume: bool = False, devices: int | Sequence | None = None,
-         shard: str = "auto") -> list[dict]:
+         results: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+         devices: int | Sequence | None = None, shard: str = "auto") -> list[dict]:
     """Rank the models of ``bank`` for ``target`` by prediction consistency (CTE).
 
     Args:
@@ -278,6 +282,8 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
         taken as they are, images whose units are all scored are not even read, and a (model,
         perturbation) pair already scored on the whole target is never run again.
       resume: continue ``results`` instead of starting it afresh.
+      overwrite: start ``results`` afresh even when it holds an earlier run's scores (without it or
+        ``resume``, such a file is refused rather than lost).
       devices: how many of this process's devices to use (default all), or a list of devices.
       shard: split stacked models over the devices (``models``), split each batch of images
         (``images``), neither (``none``), or ``auto``: by the fewest idle device slots. Scores do
@@ -349,7 +355,10 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
     key = jax.random.key(seed)
 
     table = ScoreTable([m.name for m in models], [p.name for p in perts], metrics)
-    applicable = np.array([[not (m.is_black_box and p.is_feature) for p in perts] for m in models], bool)
+    # A black box cannot take a feature perturbation; the clean-pass baselines are scored under it all the same.
+    clean_baselines = any(k in engine.CLEAN_METRICS for k in metrics)
+    applicable = np.array([[not (m.is_black_box and p.is_feature) or clean_baselines for p in perts]
+                           for m in models], bool)
     mine = applicable & np.isin(np.arange(len(models)), model_share)[:, None]
     store = None
     if results is not None:
@@ -357,7 +366,7 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
                   "names": zlib.crc32("\n".join(tgt.names).encode()), "seed": seed, "draws": "common", "threshold": threshold,
                   "precision": precision, "tile": tile, "halo": halo, "tile_above": tile_above, "multiple": multiple}
         store = ResultsStore(results, config=config, fingerprints={m.name: model_fingerprint(m) for m in models},
-                             resume=resume, process_index=proc, process_count=n_proc)
+                             resume=resume, overwrite=overwrite, process_index=proc, process_count=n_proc)
         if resume:
             store.load(table)
         store.open()
@@ -386,7 +395,6 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
                         on_scores(models[mi].name, perts[pi].name, metric, list(names), s[a, b, k], v[a, b, k])
 
     all_perts = np.arange(len(perts))
-    input_perts = np.array([i for i, p in enumerate(perts) if not p.is_feature], np.int64)
     try:
         for batch in batches:
             real = np.array([i for i, n in enumerate(batch.names) if n is not None], np.int64)
@@ -405,7 +413,7 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
                     enter(g.index[pos], pp, names, images, s[..., real], v[..., real], fg[:, real])
             for mi in black_boxes:
                 m = models[mi]
-                pp = input_perts[table.missing([mi], input_perts, names)[0] & mine[mi, input_perts]]
+                pp = all_perts[table.missing([mi], all_perts, names)[0] & mine[mi]]
                 if len(pp):
                     s, v, fg = engine.score_black_box(m.predict, [perts[i] for i in pp], metrics,
                                                       x=batch.inputs[_norm_key(m)], boxes=batch.boxes,
@@ -516,7 +524,10 @@ def _records(table, models: Sequence[Model], perts: Sequence[Perturbation], metr
                 score = None
                 if len(vals):
                     score = float(np.median(vals) if aggregate == "median" else np.mean(vals))
-                note = "black-box model: feature perturbations need its layers" if (m.is_black_box and p in feature_perts) else None
+                note = None
+                if m.is_black_box and p in feature_perts and metric not in engine.CLEAN_METRICS:
+                    note = "black-box model: feature perturbations need its layers"
+                    n_skipped = 0  # not scored at all, not skipped
                 rec = {"model": m.name, "perturbation": p.name, "metric": metric, "score": score, "rank": None,
                        "n_scored": len(vals), "n_skipped": n_skipped, "n_images": table.n_images(mi, pi, ki),
                        "architecture": architecture(m)}

@@ -244,6 +244,16 @@ def _fmt(values: np.ndarray, ok: np.ndarray | None = None) -> str:
     return ",".join(np.where(ok, values.astype(str), "null").ravel().tolist())
 
 
+def _holds_scores(path: Path) -> bool:
+    """Whether a results file holds a scored block after its header line (reads two lines)."""
+    try:
+        with open(path, "rb") as f:
+            lines = [line for line in (f.readline(), f.readline()) if line.strip()]
+    except OSError:
+        return False
+    return len(lines) > 1
+
+
 class ResultsStore:
     """Per-unit scores appended to a JSON-lines file as a ranking runs, to resume from.
 
@@ -259,10 +269,15 @@ class ResultsStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, config: dict[str, Any], fingerprints: dict[str, str],
-                 resume: bool = False, process_index: int = 0, process_count: int = 1):
+                 resume: bool = False, overwrite: bool = False, process_index: int = 0, process_count: int = 1):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise CTEError("results folder does not exist", self.path.parent)
+        if not resume and not overwrite:
+            for f in ([self.path] if self.path.is_file() else []) + [q for _, q in _shards(self.path)]:
+                if _holds_scores(f):
+                    raise CTEError("results file holds the per-image scores of an earlier run: --resume continues "
+                                   "that run, --overwrite starts afresh and discards them", f)
         self.config = json.loads(json.dumps(config))
         self.fingerprints = dict(fingerprints)
         self.resume = resume

@@ -145,6 +145,8 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
     (["--threshold", "0"], "threshold must lie between 0 and 1"),
     (["--batch-size", "0"], "batch size must be at least 1"),
     (["--seed", "99999999999999999999"], "seed must be a whole number"),
+    (["--csv", "/proc/r.csv"], "cannot write in the output folder"),
+    (["--resume", "--overwrite"], "give one of them"),
 ])
 def test_bad_input_one_line_exit_2_no_output(setup, capsys, tmp_path, args, expect):
     (tmp_path / "empty").mkdir()

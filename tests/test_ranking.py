@@ -202,6 +202,26 @@ def test_black_box_member_scores_like_its_grey_box_twin(target):
     assert b["dropout:0.1"]["score"] is None and "black-box" in b["dropout:0.1"]["note"]
 
 
+def test_black_box_gets_clean_baselines_under_a_feature_perturbation(target):
+    """Confidence and entropy need only the clean pass: a black box is scored for them even when the
+    only perturbation is bottleneck dropout, exactly as its grey-box twin; CTE-NHD is left unscored
+    (not skipped), with the note."""
+    models = _models(2)
+    apply = jax.jit(UNet(SPEC).apply)
+    twin = Model(name="m1", normalization=NORM, predict=lambda x: np.asarray(apply(models[1].variables, jnp.asarray(x))))
+    kw = dict(perturbations=["dropout:0.1"], metrics=["nhd", "confidence", "entropy"], progress=False)
+    g = {r["metric"]: r for r in rank(models[1:], target, **kw)}
+    b = {r["metric"]: r for r in rank([twin], target, **kw)}
+    for metric in ("confidence", "entropy"):
+        assert b[metric]["score"] == pytest.approx(g[metric]["score"], abs=1e-5)
+        assert b[metric]["n_scored"] == g[metric]["n_scored"] == 5 and b[metric]["n_images"] == 5
+        assert not b[metric].get("note")
+    assert b["nhd"]["score"] is None and "black-box" in b["nhd"]["note"]
+    assert (b["nhd"]["n_scored"], b["nhd"]["n_skipped"]) == (0, 0)
+    with pytest.raises(CTEError, match="every model of the bank is a black box.*noise"):
+        rank([twin], target, perturbations=["dropout:0.1"], metrics=["nhd"], progress=False)
+
+
 def test_ranks_and_records(target, tmp_path):
     for m in _models(3):
         save_model(m, tmp_path / "bank" / m.name)

@@ -312,6 +312,19 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(models, target
     assert dict(seen) == {(m.name, "dropout:0.2"): 2 for m in models}  # only the missing units
 
 
+def test_a_results_file_with_scores_is_refused_unless_resumed_or_overwritten(models, target, tmp_path):
+    kw = dict(perturbations=["dropout:0.2"], metrics=["nhd"], batch_size=2, progress=False)
+    path = tmp_path / "r.scores.jsonl"
+    path.write_text(json.dumps({"format": "header only"}) + "\n")  # a run killed before its first block
+    first = rank(models[:1], target, results=path, **kw)
+    before = path.read_bytes()
+    with pytest.raises(CTEError, match="earlier run.*--resume.*--overwrite"):
+        rank(models[:1], target, results=path, **kw)
+    assert path.read_bytes() == before  # nothing lost
+    assert rank(models[:1], target, results=path, overwrite=True, **kw) == first
+    assert len(path.read_bytes()) == len(before)  # started afresh, not appended
+
+
 def test_cut_results_file_recomputes_only_what_is_missing(models, target, tmp_path, monkeypatch):
     kw = dict(perturbations=["dropout:0.2"], metrics=["nhd"], batch_size=2, progress=False)
     path = tmp_path / "r.scores.jsonl"
