@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bank", help="bank directory (one subfolder per model) or one model directory "
                    "(default: the demo bank)")
-    p.add_argument("--target", help="folder of PNG/TIFF images, one image or TIFF stack, or a zarr/N5 array "
+    p.add_argument("--target", help="folder of PNG/TIFF/JPEG images, one image or TIFF stack, or a zarr/N5 array "
                    "(default: the demo target)")
     p.add_argument("--dataset", help="array path inside a zarr/N5 container")
     p.add_argument("--perturbation", nargs="+", default=["dropout:0.1"], metavar="SPEC", help=PERT_HELP)
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write a model's clean probability maps for some images")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--input", required=True,
-                   help="image (PNG/TIFF), folder of images, TIFF stack, or zarr/N5 array (as rank's --target)")
+                   help="image (PNG/TIFF/JPEG), folder of images, TIFF stack, or zarr/N5 array (as rank's --target)")
     p.add_argument("--dataset", help="array path inside a zarr/N5 container")
     p.add_argument("--out", required=True, help="output .npy or .tif: probabilities (n c h w), rows in the order of "
                    "the image names (sorted file names); .npz: one array per image name, for mixed sizes")

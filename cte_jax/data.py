@@ -1,4 +1,4 @@
-"""Reading target images lazily: folders of PNG/TIFF, single files, TIFF stacks, zarr and N5 arrays."""
+"""Reading target images lazily: folders of PNG/TIFF/JPEG, single files, TIFF stacks, zarr and N5 arrays."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import numpy as np
 
 from cte_jax.errors import CTEError
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
 GREY_MODES = ("luminance", "mean", "first")
 SPLITS_FILE = "split.json"
 
@@ -665,7 +666,11 @@ def _open_folder(folder: Path, *, labels: bool = False) -> Target:
         hint = ""
         if (folder / "images").is_dir() and _image_files(folder / "images"):
             hint = f"; a labelled domain? its images are in {folder / 'images'}"
-        raise CTEError(f"no images found (expected .png, .tif or .tiff files){hint}", folder)
+        raise CTEError(f"no images found (expected .png, .tif, .tiff or .jpg files){hint}", folder)
+    jpegs = [p.name for p in files if p.suffix.lower() in _JPEG_SUFFIXES]
+    if labels and jpegs:
+        raise CTEError(f"labels must not be JPEG files ({jpegs[0]}{', ...' if len(jpegs) > 1 else ''}): JPEG "
+                       f"compression changes label values at object borders; save them as PNG or TIFF", folder)
     stems = collections.Counter(_stem(p) for p in files)
     # two files with one stem (a.png, a.tif) keep their full file names so both stay addressable
     sources = [(_stem(p) if stems[_stem(p)] == 1 else p.name, _file_source(p, labels=labels)) for p in files]
@@ -680,9 +685,9 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
     """Open an unlabelled target for lazy reading.
 
     Sources, detected from ``path``:
-      - a folder of PNG/TIFF files (``.png``, ``.tif``, ``.tiff``, any case), sorted by file
+      - a folder of PNG/TIFF/JPEG files (``.png``, ``.tif``, ``.tiff``, ``.jpg``, ``.jpeg``, any case), sorted by file
         name; hidden files and other extensions are skipped, sub-folders are not searched;
-      - a single PNG or TIFF file;
+      - a single PNG, TIFF or JPEG file;
       - a TIFF stack: every axis other than Y, X and the channel axis (``S`` samples or ImageJ
         ``C``) is cut into 2D slices named ``stem_z0000``, ``stem_z0001``, ... (flattened in C
         order when there are several, e.g. T and Z). Axes are the ones tifffile reports;
@@ -730,7 +735,7 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
         return _open_folder(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise CTEError(f"unsupported file type {path.suffix or '(none)'!r}; expected a PNG or TIFF file, "
+        raise CTEError(f"unsupported file type {path.suffix or '(none)'!r}; expected a PNG, TIFF or JPEG file, "
                        f"a folder of them, or a zarr/N5 array", path)
     return Target(path, _items([(_stem(path), _file_source(path, labels=False))]))
 

@@ -148,6 +148,28 @@ def test_folder_sorted_hidden_and_other_files_skipped(tmp_path):
     assert [x.shape for x in t] == [t.shape(i) for i in range(len(t))]
 
 
+def test_jpeg_images_are_read_and_jpeg_labels_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 256, (20, 30), np.uint8), rng.integers(0, 256, (16, 12, 3), np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(rgb).save(tmp_path / "b.JPEG", quality=90)
+    _png(tmp_path / "c.png", _rand((5, 6)))
+    t = open_target(tmp_path)
+    assert t.names == ["a", "b", "c"]
+    for name in ("a.jpg", "b.JPEG"):  # oracle: Pillow's own decoding of the file
+        with Image.open(tmp_path / name) as im:
+            want = np.asarray(im)
+        np.testing.assert_array_equal(t.read(t.index(Path(name).stem)), _hwc(want))
+    assert open_target(tmp_path / "a.jpg").shape(0) == (20, 30, 1)
+    dom = tmp_path / "dom"
+    (dom / "images").mkdir(parents=True)
+    (dom / "labels").mkdir()
+    _png(dom / "images" / "x.png", _rand((8, 8)))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(dom / "labels" / "x.jpg")
+    with pytest.raises(CTEError, match="labels must not be JPEG files"):
+        open_labelled(dom)
+
+
 def test_folder_same_stem_keeps_file_names(tmp_path):
     a, b = _rand((3, 3)), _rand((4, 4), np.uint16)
     _png(tmp_path / "x.png", a)
@@ -172,11 +194,11 @@ def test_unknown_path_and_unsupported_file(tmp_path):
     with pytest.raises(CTEError, match="no such file") as err:
         open_target(tmp_path / "missing")
     assert err.value.path == str(tmp_path / "missing")
-    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "a.bmp").write_bytes(b"x")
     with pytest.raises(CTEError, match="unsupported file type"):
-        open_target(tmp_path / "a.jpg")
+        open_target(tmp_path / "a.bmp")
     with pytest.raises(CTEError, match="not a zarr/N5 container"):
-        open_target(tmp_path / "a.jpg", dataset="x")
+        open_target(tmp_path / "a.bmp", dataset="x")
 
 
 def test_target_indexing(tmp_path):
