@@ -163,6 +163,11 @@ def _axes_v05(axes: list, where) -> tuple[str, int | None]:
 def _read(rdf_path: Path, source: Path) -> Package:
     import yaml
 
+    if rdf_path.suffix.lower() == ".onnx":
+        raise CTEError("is an ONNX graph, not a bioimage.io package: convert it with --format onnx", rdf_path)
+    if rdf_path.suffix.lower() in (".pt", ".pth", ".pytorch", ".ckpt"):
+        raise CTEError("is a PyTorch checkpoint, not a bioimage.io package: convert it with --format "
+                       "pytorch-3dunet or torch-em (and --arch)", rdf_path)
     try:
         rdf = yaml.safe_load(rdf_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

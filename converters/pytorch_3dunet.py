@@ -140,13 +140,15 @@ def spec_from_kwargs(kwargs: Mapping[str, Any], state: Mapping[str, np.ndarray] 
     cin, cout = k["in_channels"], k["out_channels"]
     if cin is None:
         if not state or _PREFIX not in state:
-            raise bad(f"the weights have no {_PREFIX!r} to read in_channels from: they are not a pytorch-3dunet "
-                      f"UNet2D (first names: {sorted(state or {})[:4]})")
+            raise CTEError(f"the weights have no {_PREFIX!r} to read in_channels from: they are not a "
+                           f"pytorch-3dunet UNet2D (first names: {sorted(state or {})[:4]}); {C.NOT_THIS_NETWORK}",
+                           source)
         cin = int(np.shape(state[_PREFIX])[1])
     if cout is None:
         if not state or "final_conv.weight" not in state:
-            raise bad(f"the weights have no 'final_conv.weight' to read out_channels from: they are not a "
-                      f"pytorch-3dunet UNet2D (first names: {sorted(state or {})[:4]})")
+            raise CTEError(f"the weights have no 'final_conv.weight' to read out_channels from: they are not a "
+                           f"pytorch-3dunet UNet2D (first names: {sorted(state or {})[:4]}); {C.NOT_THIS_NETWORK}",
+                           source)
         cout = int(np.shape(state["final_conv.weight"])[0])
     if not k["is_segmentation"]:
         final = None

@@ -113,12 +113,12 @@ def spec_from_kwargs(kwargs: Mapping[str, Any], state: Mapping[str, np.ndarray] 
     if cin is None:
         if not state or conv0 not in state:
             raise bad(f"the weights have no {conv0!r} to read in_channels from: they are not a torch-em UNet2d "
-                      f"(first names: {sorted(state or {})[:4]})")
+                      f"(first names: {sorted(state or {})[:4]}); {C.NOT_THIS_NETWORK}")
         cin = int(np.shape(state[conv0])[1])
     if cout is None:
         if not state or "out_conv.weight" not in state:
             raise bad(f"the weights have no 'out_conv.weight' to read out_channels from: they are not a torch-em "
-                      f"UNet2d (first names: {sorted(state or {})[:4]})")
+                      f"UNet2d (first names: {sorted(state or {})[:4]}); {C.NOT_THIS_NETWORK}")
         cout = int(np.shape(state["out_conv.weight"])[0])
     order = {None: "cr", "InstanceNorm": "icr", "GroupNorm": "gcr", "BatchNorm": "bcr", "InstanceNormTrackStats": "bcr"}[norm]
     try:

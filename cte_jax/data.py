@@ -720,6 +720,9 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
         driver = _array_driver(array) if array.is_dir() else None
         if driver is None:
             found = _find_arrays(path)
+            if not found and not _is_container(path) and _image_files(path):
+                raise CTEError(f"dataset={dataset!r} picks an array inside a zarr/N5 container, and this is a "
+                               f"folder of image files: leave --dataset out", path)
             hint = f" (found: {', '.join(found)})" if found else ""
             raise CTEError(f"no zarr or N5 array at dataset {dataset!r}{hint}", path)
         return _open_array(array, driver, Path(key).name or array.name)

@@ -302,6 +302,7 @@ def test_wrong_format_errors_name_the_right_one(tmp_path):
         with pytest.raises(CTEError) as e:
             converters.convert(sd, format=fmt, out=tmp_path / "out")
         assert f"not a {family}" in str(e.value) and "'0.weight'" in str(e.value)
+        assert "torch.onnx.export" in str(e.value) and "--arch:" not in str(e.value)
     scripted = tmp_path / "scripted.pt"
     torch.jit.script(plain).save(str(scripted))
     with pytest.raises(CTEError, match="TorchScript archive.*--format onnx"):
@@ -315,6 +316,8 @@ def test_wrong_format_errors_name_the_right_one(tmp_path):
     assert str(sd) in str(e.value) and "--format torch-em" in str(e.value) and "cte_bioimageio_" not in str(e.value)
     with pytest.raises(CTEError, match=r"a PyTorch file\? use --format torch-em"):
         converters.convert(sd, format="onnx", out=tmp_path / "out")
+    with pytest.raises(CTEError, match="is an ONNX graph, not a bioimage.io package: convert it with --format onnx"):
+        converters.convert(fake_onnx, format="bioimageio", out=tmp_path / "out")
     # a torch-em UNet2d built with other settings than the defaults: say --arch before the key list
     small = tmp_path / "small.pt"
     torch.save(UNet2dTorchEm(1, 1, depth=2, initial_features=4).state_dict(), small)

@@ -199,6 +199,10 @@ def test_unknown_path_and_unsupported_file(tmp_path):
         open_target(tmp_path / "a.bmp")
     with pytest.raises(CTEError, match="not a zarr/N5 container"):
         open_target(tmp_path / "a.bmp", dataset="x")
+    (tmp_path / "pngs").mkdir()
+    _png(tmp_path / "pngs" / "a.png", _rand((4, 4)))
+    with pytest.raises(CTEError, match="folder of image files: leave --dataset out"):
+        open_target(tmp_path / "pngs", dataset="raw")
 
 
 def test_target_indexing(tmp_path):
