@@ -152,6 +152,18 @@ def _flag_note(records: list[dict]) -> list[str]:
     return _note(text)
 
 
+def _flagged_first_line(rs: list[dict]) -> list[str]:
+    """Under a table whose first-ranked model is flagged: which unflagged model ranks highest."""
+    flagged = lambda r: r.get("low_foreground") or r.get("high_foreground")
+    ranked = sorted((r for r in rs if r["rank"] is not None), key=lambda r: r["rank"])
+    if not ranked or not flagged(ranked[0]):
+        return []
+    ok = next((r for r in ranked if not flagged(r)), None)
+    if ok is None:
+        return ["  (every ranked model is flagged: see the note below)"]
+    return [f"  (rank 1 is flagged; the best-ranked unflagged model is {ok['model']}, rank {ok['rank']})"]
+
+
 def _table(records: list[dict], aggregate: str = "median") -> str:
     from cte_jax.perturbations import parse_perturbation
     from cte_jax.ranking import ORDER_MIN_RESAMPLES, ORDER_RESAMPLES, ORDER_SURE
@@ -188,6 +200,7 @@ def _table(records: list[dict], aggregate: str = "median") -> str:
             note = "".join(f"  [{n}]" for n in notes)
             lines.append(f"{rank:>4}  {r['model']:<{width}}  {score:>7}  {support:>7}  {r['n_scored']:>6}  "
                          f"{r['n_skipped']:>7}  {fg:>6}{note}")
+        lines += _flagged_first_line(rs)
         if pert and parse_perturbation(pert).is_feature and not arch_note:
             arch_note = _architecture_note(rs)
     lines += arch_note + _flag_note(records) + _unscored_note(records) + _small_target_note(records)
@@ -440,6 +453,14 @@ def _conversion_facts(desc: dict) -> list[str]:
                      f"({desc.get('channel', 0)}) come out foreground. If that channel is not a foreground map "
                      f"(or its values are not logits or probabilities), rankings with this model mean little: "
                      f"check --channel and --task")
+    arch = desc.get("architecture") or {}
+    io_ = desc.get("onnx_io") or {}
+    softmax = arch.get("final_activation") == "softmax" or prov.get("graph_final_activation") == "softmax" \
+        or desc.get("postprocessing") == "softmax"
+    n_out = arch.get("out_channels") if "architecture" in desc else io_.get("out_channels")
+    if softmax and (n_out or 0) >= 2 and desc.get("channel", 0) == 0:
+        lines.append(f"its softmax spreads each pixel over {n_out} channels, and channel 0 is scored: if channel 0 "
+                     f"is the background (as in most two-class heads), convert again with --channel 1")
     if prov.get("verified_max_abs_diff") is not None:
         lines.append(f"matches onnxruntime on a random input (max abs difference {prov['verified_max_abs_diff']:.2g})")
     return lines

@@ -66,6 +66,18 @@ def test_vs_next_is_explained_only_when_shown():
     assert "vs next: share" in _table([{**rec, "order_support": 0.9}, {**rec, "model": "b", "score": 0.8, "rank": 2}])
 
 
+def test_a_flagged_first_place_names_the_best_unflagged_model():
+    from cte_jax.cli import _table
+
+    rec = {"model": "a", "perturbation": "dropout:0.1", "metric": "nhd", "score": 0.99, "rank": 1, "n_scored": 30,
+           "n_skipped": 0, "n_images": 30, "foreground_fraction": 0.95, "high_foreground": True}
+    b = {**rec, "model": "b", "score": 0.97, "rank": 2, "foreground_fraction": 0.3, "high_foreground": False}
+    c = {**rec, "model": "c", "score": 0.95, "rank": 3, "foreground_fraction": 0.2, "high_foreground": False}
+    assert "the best-ranked unflagged model is b, rank 2" in _table([rec, b, c])
+    assert "unflagged" not in _table([b, c])
+    assert "every ranked model is flagged" in _table([rec, {**b, "high_foreground": True}])
+
+
 def test_unscored_models_are_explained():
     from cte_jax.cli import _unscored_note
 

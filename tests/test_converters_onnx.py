@@ -105,6 +105,12 @@ def test_unrecognised_graph_becomes_black_box(tmp_path):
     assert desc["preprocessing"]["kind"] == "percentile"
     x = np.random.default_rng(1).standard_normal((3, 1, 20, 24)).astype(np.float32)
     assert np.max(np.abs(_predict(out, x) - _torch(model, x))) <= TOL
+    # a two-class softmax head scored on channel 0 (usually the background): convert says so
+    from cte_jax.cli import _conversion_facts
+
+    assert any("--channel 1" in line for line in _conversion_facts(desc))
+    out1 = converters.convert(path, format="onnx", out=tmp_path / "bb1", channel=1)
+    assert not any("--channel 1" in line for line in _conversion_facts(json.loads((out1 / "model.json").read_text())))
 
 
 def test_black_box_on_request_and_errors(tmp_path):
