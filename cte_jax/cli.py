@@ -307,6 +307,21 @@ def cmd_rank(args) -> int:
     return 0
 
 
+PREDICT_HELP = """\
+Write one model's clean probabilities (the map that rank thresholds at 0.5) for some images,
+normalised as the model's model.json says.
+
+Every image goes through the network whole, or in 256x256 tiles with a 32 px halo when a side is
+1024 px or more. A side that is not a multiple of 32 (or of the network's own size step, if
+larger) is mirror-padded up to one and cropped back: in the last pixels at the bottom and right
+the values can then differ from another framework that handles odd sizes its own way (on sizes
+that are multiples, converted models match PyTorch to float precision).
+
+example:
+  cte-jax predict --model bank/fluo256 --input images/ --out probs.npy
+"""
+
+
 def cmd_predict(args) -> int:
     from cte_jax.predict import predict_to_file
 
@@ -381,14 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_rank)
 
-    p = sub.add_parser("predict", help="write a model's clean probability maps for some images")
+    p = sub.add_parser("predict", help="write a model's clean probability maps for some images",
+                       description=PREDICT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--input", required=True,
                    help="image (PNG/TIFF/JPEG), folder of images, TIFF stack, or zarr/N5 array (as rank's --target)")
     p.add_argument("--dataset", help="array path inside a zarr/N5 container")
     p.add_argument("--out", required=True, help="output .npy or .tif: probabilities (n c h w), rows in the order of "
                    "the image names (sorted file names); .npz: one array per image name, for mixed sizes")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images or tiles per forward pass (default: 4)")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -535,7 +551,7 @@ Spearman rho and Pearson r of each estimator against performance, with permutati
 
 Models predicting far less foreground than the bank's typical model (LOW: below a fifth of the
 median over the models that predict at most half of the image), or far more (HIGH: above
-max(0.5, twice that median)), are flagged: their consistency may be high for the wrong reason.
+max(0.5, twice that median); every model above half the image when none predicts less), are flagged: their consistency may be high for the wrong reason.
 Each estimator is reported unchanged (paper), without the flagged models (unflagged), and with a
 corrected score (--correction).
 
