@@ -221,15 +221,32 @@ RECORD_FIELDS = ["model", "perturbation", "metric", "score", "rank", "n_scored",
                  "foreground_fraction", "low_foreground", "high_foreground", "architecture", "order_support"]
 
 
-def _write_json(records, path):
-    _atomic_write(path, lambda f: json.dump(records, f, indent=2) or f.write("\n"))
+def _file_records(records: list[dict]) -> list[dict]:
+    """The records as --json/--csv write them: a clean-pass baseline (confidence, entropy) once per
+    model, with perturbation None, instead of repeated under every perturbation it never used."""
+    from cte_jax.engine import CLEAN_METRICS
+
+    out, seen = [], set()
+    for r in records:
+        if r["metric"] in CLEAN_METRICS:
+            if (r["model"], r["metric"]) in seen:
+                continue
+            seen.add((r["model"], r["metric"]))
+            r = {**r, "perturbation": None}
+        out.append(r)
+    return out
+
+
+def _write_json(records, path, settings: dict):
+    doc = {"format": "cte_jax.ranking", "version": 1, "settings": settings, "records": _file_records(records)}
+    _atomic_write(path, lambda f: json.dump(doc, f, indent=2) or f.write("\n"))
 
 
 def _write_csv(records, path):
     def write(f):
         w = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(records)
+        w.writerows(_file_records(records))
 
     _atomic_write(path, write)
 
@@ -300,7 +317,13 @@ def cmd_rank(args) -> int:
         return 0
     # files first: a reader that stops early (`| head`) must not cost them
     if args.json:
-        _write_json(records, args.json)
+        from cte_jax import __version__
+
+        settings = {"cte_jax": __version__, "bank": str(Path(bank).resolve()), "target": str(Path(target).resolve()),
+                    "dataset": args.dataset, "perturbations": list(args.perturbation), "metrics": list(args.metric),
+                    "aggregate": args.aggregate, "seed": args.seed, "draws": "common", "threshold": args.threshold,
+                    "precision": args.precision, "tile_above": args.tile_above}
+        _write_json(records, args.json, settings)
     if args.csv:
         _write_csv(records, args.csv)
     print(_table(records, args.aggregate))
@@ -371,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how stacked same-architecture models run: map (loop; fastest on CPU), vmap "
                    "(accelerators); auto picks by backend")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="compute precision")
-    p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON: {settings (bank, target, "
+                   "perturbations, metrics, aggregate, seed, ...), records (one per model, perturbation and metric; "
+                   "clean-pass baselines once per model, perturbation null)}")
     p.add_argument("--csv", metavar="FILE", help="also write the records as CSV")
     g = p.add_argument_group("scale: devices, hosts, long runs")
     g.add_argument("--results", metavar="FILE", help="append every per-image score to this .jsonl as it is "

@@ -43,8 +43,12 @@ def test_rank_writes_json_and_csv(setup, capsys, tmp_path):
     code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet",
                           "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv")
     assert code == 0, err
-    recs = json.loads((tmp_path / "r.json").read_text())
+    doc = json.loads((tmp_path / "r.json").read_text())
+    recs = doc["records"]
     assert {r["model"] for r in recs} == {"m0", "m1"} and {r["rank"] for r in recs} == {1, 2}
+    # the file says how it was made
+    assert doc["settings"]["seed"] == 0 and doc["settings"]["aggregate"] == "median"
+    assert doc["settings"]["perturbations"] == ["dropout:0.1"] and doc["settings"]["target"] == str(setup / "target")
     assert "m0" in out and "CTE-NHD under dropout:0.1" in out and "baseline" not in out
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,perturbation,metric,score,rank")
     # The first model's share of resamples above the second is printed beside its score, and written.
@@ -113,7 +117,7 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
                           "--metric", "entropy", "nhd", "confidence", "--perturbation", "dropout:0.1", "noise:0.1",
                           "--json", tmp_path / "r.json")
     assert code == 0, err
-    recs = json.loads((tmp_path / "r.json").read_text())
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
     titles = [line for line in out.splitlines() if line.startswith(("CTE-", "baseline:"))]
     assert titles == ["CTE-NHD under dropout:0.1", "CTE-NHD under noise:0.1",
                       "baseline: 1 - mean entropy (clean pass; for comparison)",
@@ -123,8 +127,8 @@ def test_rank_prints_baselines_once_after_cte(setup, capsys, tmp_path):
         for r in recs:
             if r["metric"] == metric:
                 by_pert.setdefault(r["perturbation"], {})[r["model"]] = r["score"]
-        assert set(by_pert) == {"dropout:0.1", "noise:0.1"}
-        assert by_pert["dropout:0.1"] == by_pert["noise:0.1"]  # clean pass only
+        assert set(by_pert) == {None} and len(by_pert[None]) == 2  # clean pass only: once per model
+        assert sum(r["metric"] == metric for r in recs) == 2
     # The printed entropy table lists the models best first.
     block = out.split("baseline: 1 - mean entropy")[1].split("baseline:")[0].splitlines()[2:4]
     printed = [float(line.split()[2]) for line in block]
@@ -337,7 +341,7 @@ def test_rank_warns_when_most_of_the_bank_is_flagged(setup, capsys, tmp_path):
     code, out, err = _run(capsys, "rank", "--bank", bank, "--target", setup / "target", "--quiet",
                           "--json", tmp_path / "r.json")
     assert code == 0, err
-    recs = json.loads((tmp_path / "r.json").read_text())
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
     assert sorted(r["model"] for r in recs if r["high_foreground"]) == ["m1", "m2"]
     assert out.count("2 of 3 models are flagged") == 1
     # The fixture's own bank has no flagged model: no warning.

@@ -88,6 +88,8 @@ def test_two_processes_give_the_single_process_result(setup, tmp_path, monkeypat
                  "--json", str(single / "ranking.json"), *ARGS]) == 0
     want = json.loads((single / "ranking.json").read_text())
     got = json.loads((dist / "ranking.json").read_text())
+    assert got["settings"] == want["settings"]
+    want, got = want["records"], got["records"]
     assert [{k: v for k, v in r.items() if k != "score"} for r in got] == \
         [{k: v for k, v in r.items() if k != "score"} for r in want]
     assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], abs=1e-6)
