@@ -32,7 +32,7 @@ transfer. The median over images ranks the models, best first.
 Two simple baselines can be ranked beside CTE from the same clean pass, for comparison:
 confidence (mean probability over the predicted foreground) and entropy (1 - mean binary
 entropy). In our leave-one-domain-out nuclei study (benchmarks/RESULTS.md, twelve models of one
-bottleneck shape trained to convergence), Spearman against F1 was 0.79 for CTE-NHD, 0.76 for
+bottleneck shape trained to convergence), Spearman against F1 was 0.77 for CTE-NHD, 0.74 for
 CTE-EI, 0.70 for confidence and 0.44 for entropy; with models trained a third as long, CTE-EI
 (0.77) and confidence (0.73) were ahead of CTE-NHD (0.69). So compute --metric nhd ei and compare
 before you trust a close call.
