@@ -469,11 +469,13 @@ def check_test_output(pkg: Package, model, provenance: dict, *, normalize_given:
     norm = Normalization.from_dict(model.normalization)
     x = np.stack([normalize(img, norm) for img in x])
     if model.is_black_box:
-        y = model.predict(x)
-    else:
-        from cte_jax.networks import UNet
+        y = probs = model.predict(x)
+    else:  # one forward pass: the network's output for the comparison, probabilities for the share below
+        from cte_jax.networks import UNet, activate, probabilities
 
-        y = np.asarray(jax.jit(UNet(model.spec).apply)(model.variables, x))
+        logits = jax.jit(lambda v, a: UNet(model.spec).apply(v, a, method=UNet.logits))(model.variables, x)
+        logits = logits.astype(jnp.float32)
+        y, probs = np.asarray(activate(model.spec, logits)), np.asarray(probabilities(model.spec, logits))
     if y.shape != ref.shape:
         raise CTEError(f"the converted model outputs {y.shape} (b y x c) for the test input, the package's "
                        f"test output is {ref.shape}", pkg.test_output)
@@ -484,13 +486,6 @@ def check_test_output(pkg: Package, model, provenance: dict, *, normalize_given:
                        f"{diff:.3g} (tolerance {tol:.3g}); nothing was written", pkg.test_output)
     provenance["test_output_max_abs_diff"] = diff
     # What the ranking will see: the share of the test input called foreground in the scored channel.
-    if model.is_black_box:
-        probs = np.asarray(y, np.float32)
-    else:
-        from cte_jax.networks import UNet, probabilities
-
-        logits = jax.jit(lambda v, a: UNet(model.spec).apply(v, a, method=UNet.logits))(model.variables, x)
-        probs = np.asarray(probabilities(model.spec, logits.astype(jnp.float32)))
     provenance["test_output_foreground_fraction"] = float(np.mean(probs[..., model.channel] > 0.5))
 
 

@@ -98,8 +98,8 @@ def _architecture_note(records: list[dict]) -> list[str]:
         return []
     mix = ", ".join(f"{a} ({n})" for a, n in counts.most_common())
     text = (f"bottleneck dropout is not equally strong for every architecture, and these models "
-            f"have {len(counts)} architectures (channels per level, with the number of models: {mix}). In our nuclei study, with every model trained "
-            f"to convergence, CTE-NHD ranked a narrower 3-level model 2.2 places below its true place on "
+            f"have {len(counts)} architectures (channels per level, with the number of models: {mix}). In our "
+            f"nuclei study, with every model trained to convergence, CTE-NHD ranked a narrower 3-level model 2.2 places below its true place on "
             f"average and a 4-level model 1.3 places above it (benchmarks/RESULTS.md). Compare scores within "
             f"one architecture and training length, or check the order with --metric ei, which moved those "
             f"models less.")
@@ -154,11 +154,12 @@ def _flag_note(records: list[dict]) -> list[str]:
 
 def _flagged_first_line(rs: list[dict]) -> list[str]:
     """Under a table whose first-ranked model is flagged: which unflagged model ranks highest."""
-    flagged = lambda r: r.get("low_foreground") or r.get("high_foreground")
+    from cte_jax.evaluate import is_flagged
+
     ranked = sorted((r for r in rs if r["rank"] is not None), key=lambda r: r["rank"])
-    if not ranked or not flagged(ranked[0]):
+    if not ranked or not is_flagged(ranked[0]):
         return []
-    ok = next((r for r in ranked if not flagged(r)), None)
+    ok = next((r for r in ranked if not is_flagged(r)), None)
     if ok is None:
         return ["  (every ranked model is flagged: see the note below)"]
     return [f"  (rank 1 is flagged; the best-ranked unflagged model is {ok['model']}, rank {ok['rank']})"]
@@ -318,10 +319,11 @@ def cmd_rank(args) -> int:
     # files first: a reader that stops early (`| head`) must not cost them
     if args.json:
         from cte_jax import __version__
+        from cte_jax.engine import DRAWS
 
         settings = {"cte_jax": __version__, "bank": str(Path(bank).resolve()), "target": str(Path(target).resolve()),
                     "dataset": args.dataset, "perturbations": list(args.perturbation), "metrics": list(args.metric),
-                    "aggregate": args.aggregate, "seed": args.seed, "draws": "common", "threshold": args.threshold,
+                    "aggregate": args.aggregate, "seed": args.seed, "draws": DRAWS, "threshold": args.threshold,
                     "precision": args.precision, "tile_above": args.tile_above}
         _write_json(records, args.json, settings)
     if args.csv:
@@ -576,9 +578,10 @@ Spearman rho and Pearson r of each estimator against performance, with permutati
 
 Models predicting far less foreground than the bank's typical model (LOW: below a fifth of the
 median over the models that predict at most half of the image), or far more (HIGH: above
-max(0.5, twice that median); every model above half the image when none predicts less), are flagged: their consistency may be high for the wrong reason.
-Each estimator is reported unchanged (paper), without the flagged models (unflagged), and with a
-corrected score (--correction).
+max(0.5, twice that median); every model above half the image when none predicts less), are
+flagged: their consistency may be high for the wrong reason. Each estimator is reported
+unchanged (paper), without the flagged models (unflagged), and with a corrected score
+(--correction).
 
 A target is a labelled domain folder (images/, labels/, split.json), e.g. ../shared/data/nuclei/
 dsb2018_fluo_256; with several targets the statistics are also averaged over targets.

@@ -29,6 +29,11 @@ STRATEGIES = ("auto", "map", "vmap")
 PRECISIONS = ("float32", "bfloat16")
 
 
+# How random draws are keyed, recorded in results files and --json settings: "common" = by (seed,
+# perturbation, unit), the same for every model (see _score_one_model).
+DRAWS = "common"
+
+
 def stable_id(text: str) -> int:
     """A PRNG fold-in id that depends only on ``text``: the same perturbation gets the same
     random draws whatever else is in the sweep or the batch."""

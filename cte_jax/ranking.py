@@ -363,8 +363,9 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
     store = None
     if results is not None:
         config = {"target": str(Path(getattr(tgt, "path", "")).resolve()), "n_images": len(tgt),
-                  "names": zlib.crc32("\n".join(tgt.names).encode()), "seed": seed, "draws": "common", "threshold": threshold,
-                  "precision": precision, "tile": tile, "halo": halo, "tile_above": tile_above, "multiple": multiple}
+                  "names": zlib.crc32("\n".join(tgt.names).encode()), "seed": seed, "draws": engine.DRAWS,
+                  "threshold": threshold, "precision": precision, "tile": tile, "halo": halo, "tile_above": tile_above,
+                  "multiple": multiple}
         store = ResultsStore(results, config=config, fingerprints={m.name: model_fingerprint(m) for m in models},
                              resume=resume, overwrite=overwrite, process_index=proc, process_count=n_proc)
         if resume:

@@ -274,7 +274,7 @@ class ResultsStore:
         if not self.path.parent.is_dir():
             raise CTEError("results folder does not exist", self.path.parent)
         if not resume and not overwrite:
-            for f in ([self.path] if self.path.is_file() else []) + [q for _, q in _shards(self.path)]:
+            for f in self.files():
                 if _holds_scores(f):
                     raise CTEError("results file holds the per-image scores of an earlier run: --resume continues "
                                    "that run, --overwrite starts afresh and discards them", f)
