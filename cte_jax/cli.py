@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--devices", type=int, metavar="N", help="use the first N local devices (default: all)")
     g.add_argument("--shard", default="auto", choices=["auto", "none", "models", "images"],
                    help="split the bank (models) or each batch of images (images) over the devices; auto: "
-                   "whichever leaves fewer devices idle (default: auto); scores do not depend on it")
+                   "whichever leaves fewer devices idle, and says which it chose (default: auto); scores "
+                   "do not depend on it")
     g.add_argument("--distributed", action="store_true", help="one of several processes (hosts): SLURM and "
                    "Open MPI launches are detected, otherwise give the three options below; process 0 "
                    "prints and writes the result")

@@ -65,6 +65,18 @@ def choose_shard(shard: str, *, n_devices: int, n_models: int, batch_size: int) 
     return "models" if idle(n_models) <= idle(batch_size) else "images"
 
 
+def split_note(groups: Sequence[tuple[str, int, str]], n_devices: int) -> str | None:
+    """One line saying how the bank's architecture groups, given as (a model's name, number of
+    models, shard mode), were split over ``n_devices`` devices; None on one device."""
+    if n_devices == 1:
+        return None
+    how = {"models": "split by model", "images": "each batch split by image", "none": "not split"}
+    parts = [f"{n} model{'s' if n != 1 else ''} {how[mode]}" for _, n, mode in groups]
+    if len(parts) > 1:
+        parts = [f"{part} (architecture of {name})" for part, (name, _, _) in zip(parts, groups)]
+    return f"{n_devices} devices: " + "; ".join(parts)
+
+
 def _pad_to(n: int, k: int) -> int:
     return math.ceil(n / k) * k
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import queue
+import sys
 import threading
 import zlib
 from collections import defaultdict
@@ -378,6 +379,10 @@ def rank(bank: str | Path | Sequence[Model], target, *, perturbations: Sequence[
         g.placed = executor.place(engine.stack_variables([m.variables for m in g.models]), batch_size=batch_size)
         if g.placed.mode == "images":
             step = -(-batch_size // executor.n_devices) * executor.n_devices
+    note = parallel.split_note([(g.models[0].name, len(g.models), g.placed.mode) for g in groups],
+                                executor.n_devices)
+    if note and progress and proc == 0:
+        print(note, file=sys.stderr, flush=True)
     bar = _progress(len(image_share) * len(model_share), progress, "ranking")
     batches = prefetch(iter_batches(tgt, norms, batch_size=step, tile=tile, halo=halo, tile_above=tile_above,
                                     multiple=multiple, bucket=max(32, multiple),

@@ -7,6 +7,8 @@ single-device run of the same ranking in the test process.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -79,6 +81,14 @@ def test_choose_shard(shard, n_dev, m, b, expect):
     assert parallel.choose_shard(shard, n_devices=n_dev, n_models=m, batch_size=b) == expect
 
 
+def test_split_note_says_how_each_group_was_split():
+    assert parallel.split_note([("a", 5, "models")], 1) is None
+    assert parallel.split_note([("a", 5, "models")], 4) == "4 devices: 5 models split by model"
+    two = parallel.split_note([("a", 1, "images"), ("b", 3, "models")], 2)
+    assert two == ("2 devices: 1 model each batch split by image (architecture of a); "
+                   "3 models split by model (architecture of b)")
+
+
 def test_choose_shard_rejects_unknown_mode():
     with pytest.raises(CTEError, match="shard mode"):
         parallel.choose_shard("rows", n_devices=2, n_models=2, batch_size=2)
@@ -135,10 +145,12 @@ def _child_multidevice(target: str, out: str) -> None:
             return p
 
         parallel.Executor.place = place
-        recs = rank(models, target, perturbations=PERTS, metrics=METRICS, batch_size=3, progress=False,
-                    shard=shard, results=out / f"{shard}.jsonl")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # progress on: the split is reported before the bar
+            recs = rank(models, target, perturbations=PERTS, metrics=METRICS, batch_size=3, progress=True,
+                        shard=shard, results=out / f"{shard}.jsonl")
         parallel.Executor.place = real_place
-        info[shard] = {"modes": modes, "records": recs}
+        info[shard] = {"modes": modes, "records": recs, "stderr": err.getvalue()}
     (out / "info.json").write_text(json.dumps(info))
 
 
@@ -153,6 +165,8 @@ def test_four_devices_give_the_single_device_scores(tmp_path, monkeypatch):
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["devices"] == 4
     assert info["models"]["modes"] == ["models"] and info["images"]["modes"] == ["images"]
+    assert info["models"]["stderr"].startswith("4 devices: 5 models split by model\n")
+    assert info["images"]["stderr"].startswith("4 devices: 5 models each batch split by image\n")
 
     single = rank(_models(5), target, perturbations=PERTS, metrics=METRICS, batch_size=3, progress=False,
                   shard="none", results=tmp_path / "single.jsonl")
