@@ -743,10 +743,42 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
     return Target(path, _items([(_stem(path), _file_source(path, labels=False))]))
 
 
+LABEL_CHANGE_MAX = 0.2  # see neighbour_change
+
+
 def is_binary_mask(label: np.ndarray) -> bool:
     """A label image holding 0 and at most one other value: a 0/1 or 0/255 mask, not instance ids."""
     values = np.unique(label)
     return values.size <= 2 and (values.size < 2 or values[0] == 0)
+
+
+def neighbour_change(label: np.ndarray) -> float | None:
+    """The share of 4-neighbour pairs of foreground (> 0) pixels whose values differ.
+
+    Label images are regions of one value, so their ids change only where two objects touch
+    (at most 4 % on the data pack's nuclei, 0 on binary masks); raw microscopy changes between
+    most neighbours (22-98 %, median over a domain above 50 %). None when no pair is foreground.
+    """
+    lab = np.asarray(label)
+    if lab.ndim == 3:
+        lab = lab[..., 0]
+    fg = lab > 0
+    across, down = fg[:, 1:] & fg[:, :-1], fg[1:] & fg[:-1]
+    pairs = int(across.sum() + down.sum())
+    if pairs == 0:
+        return None
+    differ = int(((lab[:, 1:] != lab[:, :-1]) & across).sum() + ((lab[1:] != lab[:-1]) & down).sum())
+    return differ / pairs
+
+
+def check_labels(labels: Sequence[np.ndarray], folder: str | os.PathLike) -> None:
+    """Refuse a folder of raw images given as labels (median :func:`neighbour_change` above 0.2)."""
+    changes = [c for c in map(neighbour_change, labels) if c is not None]
+    if changes and float(np.median(changes)) > LABEL_CHANGE_MAX:
+        raise CTEError(f"these do not look like label images: neighbouring foreground pixels differ in "
+                       f"{np.median(changes):.0%} of places (median over {len(changes)} images), where label "
+                       f"images hold regions of one value (0 = background, one id per object or 1 = "
+                       f"foreground). Is this a folder of raw images?", folder)
 
 
 def open_labelled(path: str | os.PathLike, *, split: str = "all") -> tuple[Target, Target]:

@@ -397,7 +397,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
     from tqdm.auto import tqdm
 
     from cte_jax import baselines as B
-    from cte_jax import engine
+    from cte_jax import data, engine
     from cte_jax.evaluation import dataset_performance
     from cte_jax.predict import predict_image
     from cte_jax.ranking import rank, reference_foreground
@@ -410,6 +410,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
     names = list(images.names)
     imgs = [images.read(i) for i in range(len(images))]
     labs = [_squeeze_label(labels.read(i), n, imgs[i].shape[:2]) for i, n in enumerate(names)]
+    data.check_labels(labs, getattr(labels, "path", spec.labels or spec.path))
     gts = ([gt_instances(lab, task=task, largest_to_background=o.largest_to_background) for lab in labs]
            if o.performance == "map" else [None] * len(labs))
 

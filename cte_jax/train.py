@@ -248,7 +248,7 @@ class Split:
 
 def load_data(config: TrainConfig) -> tuple[Split, Split, list[dict[str, Any]]]:
     """Read, normalise and convert every training-split image: (train, validation, per-domain facts)."""
-    from cte_jax.data import is_binary_mask, open_labelled
+    from cte_jax.data import check_labels, is_binary_mask, open_labelled
     from cte_jax.preprocess import normalize
 
     norm = config.normalization_object()
@@ -266,6 +266,7 @@ def load_data(config: TrainConfig) -> tuple[Split, Split, list[dict[str, Any]]]:
             raise CTEError(f"split {config.train_split!r} has no images", root)
         held = set(validation_names(domain, images.names, config.val_fraction))
         raw_labels = [labels.read(i) for i in range(len(labels))]
+        check_labels(raw_labels, root / "labels")
         if config.label_kind == "auto":
             binary = all(is_binary_mask(lab) for lab in raw_labels)
         else:

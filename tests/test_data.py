@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cte_jax import data
 from cte_jax.data import Target, open_labelled, open_target, rgb_to_grey
 from cte_jax.errors import CTEError
 
@@ -547,3 +548,31 @@ def test_real_domain(domain):
         assert imgs.shape(i) == img.shape
     all_imgs = open_target(root / "images")
     assert len(all_imgs) == len(split["train"]) + len(split["test"])
+
+
+def test_neighbour_change_separates_labels_from_raw_images():
+    rng = np.random.default_rng(0)
+    lab = np.zeros((6, 8), np.uint16)
+    lab[1:4, 1:4] = 1
+    lab[1:4, 4:7] = 2  # touches object 1 along 3 rows
+    # foreground pairs: across 3 rows x 5, down 2 x 6 = 27; differing: the 3 pairs where 1 meets 2
+    assert data.neighbour_change(lab) == pytest.approx(3 / 27)
+    assert data.neighbour_change((lab > 0).astype(np.uint8)) == 0.0
+    assert data.neighbour_change(np.zeros((5, 5), np.uint8)) is None
+    raw = rng.integers(1, 256, (32, 32)).astype(np.uint8)
+    want = (np.count_nonzero(np.diff(raw.astype(int), axis=1)) + np.count_nonzero(np.diff(raw.astype(int), axis=0))) / (
+        2 * 31 * 32)  # every pixel is foreground here
+    assert data.neighbour_change(raw) == pytest.approx(want)
+    with pytest.raises(CTEError, match="do not look like label images"):
+        data.check_labels([raw, raw, lab], "folder")
+    data.check_labels([lab, raw, lab], "folder")  # the median decides: one odd image passes
+
+
+def test_data_pack_labels_pass_and_its_images_would_not(shared_data):
+    """On the real data: every domain's labels pass the raw-image check, its images fail it."""
+    for labels in sorted(shared_data.glob("*/*/labels")):
+        files = sorted(labels.glob("*.png"))[:6]
+        data.check_labels([np.asarray(Image.open(f)) for f in files], labels)
+        images = [np.asarray(Image.open(labels.parent / "images" / f.name)) for f in files]
+        with pytest.raises(CTEError, match="do not look like label images"):
+            data.check_labels(images, labels.parent / "images")

@@ -324,6 +324,10 @@ def test_bad_inputs_are_user_errors(run, bank, tmp_path):
     Image.fromarray(np.zeros((40, 48), np.uint16)).save(bad / "labels" / "im0.png")
     with pytest.raises(CTEError, match="label of 'im0'"):
         ev.evaluate(bank, bad, baselines=None)
+    raw = make_domain(tmp_path / "raw", n=2)
+    with pytest.raises(CTEError, match="do not look like label images") as e:
+        ev.evaluate(bank, raw / "images", labels=raw / "images", baselines=None)
+    assert e.value.path == str(raw / "images")
 
 
 def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):

@@ -176,6 +176,15 @@ def test_masks_saved_as_0_255_are_binary_labels(tmp_path):
     assert facts[0]["label_kind"] == "binary"
 
 
+def test_raw_images_given_as_labels_are_refused(tmp_path):
+    root = _write_domain(tmp_path / "raw_as_labels", n=4, size=40)
+    for f in (root / "images").iterdir():
+        (root / "labels" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CTEError, match=r"do not look like label images.*raw images") as e:
+        load_data(_config(root, val_fraction=0.0))
+    assert e.value.path == str(root / "labels")
+
+
 def test_label_targets():
     lab = np.array([[0, 0, 0, 0], [0, 1, 1, 2], [0, 1, 1, 2], [0, 0, 0, 0]], np.uint16)
     np.testing.assert_array_equal(label_target(lab, task="foreground", binary=False)[..., 0], lab > 0)
