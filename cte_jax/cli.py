@@ -281,6 +281,21 @@ def _check_perturbations(texts: Sequence[str]):
                            f"brightness:0.1, contrast:0.8, gamma:1.2)")
 
 
+def _warn_if_labels(target, dataset) -> None:
+    """Before a long run: say so when the target's first images look like label masks."""
+    from cte_jax import data
+
+    try:
+        change = data.looks_like_labels(data.open_target(target, dataset=dataset))
+    except CTEError:
+        return  # rank reports a bad target itself
+    if change is not None:
+        text = (f"warning: {target}: these images look like label masks: inside their foreground, "
+                f"neighbouring pixels differ in {change:.1%} of places (raw microscopy: most). rank takes the "
+                f"raw images (images/, not labels/).")
+        print("\n".join(textwrap.wrap(text, 100)), file=sys.stderr, flush=True)
+
+
 def cmd_rank(args) -> int:
     from cte_jax.ranking import rank
 
@@ -309,6 +324,8 @@ def cmd_rank(args) -> int:
                                             process_id=args.process_id, timeout=args.timeout)
     elif args.coordinator or args.num_processes is not None or args.process_id is not None:
         raise CTEError("--coordinator, --num-processes and --process-id go with --distributed")
+    if process == 0:
+        _warn_if_labels(target, args.dataset)
     records = rank(bank, target, perturbations=args.perturbation, metrics=args.metric, aggregate=args.aggregate,
                    seed=args.seed, batch_size=args.batch_size, strategy=args.strategy, precision=args.precision,
                    threshold=args.threshold, tile_above=args.tile_above, progress=not args.quiet and process == 0,

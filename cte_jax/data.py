@@ -744,6 +744,7 @@ def open_target(path: str | os.PathLike, *, dataset: str | None = None) -> Targe
 
 
 LABEL_CHANGE_MAX = 0.2  # see neighbour_change
+TARGET_LABEL_CHANGE = 0.05  # at or below: a target's images look like label masks
 
 
 def is_binary_mask(label: np.ndarray) -> bool:
@@ -779,6 +780,22 @@ def check_labels(labels: Sequence[np.ndarray], folder: str | os.PathLike) -> Non
                        f"{np.median(changes):.0%} of places (median over {len(changes)} images), where label "
                        f"images hold regions of one value (0 = background, one id per object or 1 = "
                        f"foreground). Is this a folder of raw images?", folder)
+
+
+def looks_like_labels(target: Target, *, n: int = 5) -> float | None:
+    """The median :func:`neighbour_change` of the first ``n`` images of ``target`` when they look
+    like label masks (integer images, median at most 0.05), else None."""
+    changes = []
+    for i in range(min(n, len(target))):
+        img = np.asarray(target.read(i))
+        if not np.issubdtype(img.dtype, np.integer) or (img.ndim == 3 and img.shape[-1] != 1):
+            return None
+        c = neighbour_change(img)
+        if c is not None:
+            changes.append(c)
+    if not changes or float(np.median(changes)) > TARGET_LABEL_CHANGE:
+        return None
+    return float(np.median(changes))
 
 
 def open_labelled(path: str | os.PathLike, *, split: str = "all") -> tuple[Target, Target]:

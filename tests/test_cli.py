@@ -347,3 +347,21 @@ def test_rank_warns_when_most_of_the_bank_is_flagged(setup, capsys, tmp_path):
     # The fixture's own bank has no flagged model: no warning.
     code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet")
     assert code == 0 and "models are flagged" not in out
+
+
+def test_rank_warns_before_the_run_when_the_target_holds_label_masks(setup, capsys, tmp_path):
+    masks = tmp_path / "labels"
+    masks.mkdir()
+    yy, xx = np.mgrid[:36, :40]
+    for i in range(2):  # two touching objects per image: ids change only where they meet
+        lab = np.zeros((36, 40), np.uint16)
+        lab[(yy - 12) ** 2 + (xx - 12) ** 2 < 64] = 1
+        lab[(yy - 12) ** 2 + (xx - 26) ** 2 < 64] = 2
+        Image.fromarray(lab).save(masks / f"t{i}.png")
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", masks, "--quiet")
+    assert code == 0, err
+    said = " ".join(err.split())  # unwrapped
+    assert "these images look like label masks" in said and str(masks) in said and "m0" in out
+    # The fixture's noise images (raw-like) get no such warning.
+    code, out, err = _run(capsys, "rank", "--bank", setup / "bank", "--target", setup / "target", "--quiet")
+    assert code == 0 and "label masks" not in err
