@@ -399,11 +399,11 @@ def run_task(task: str, *, shared: Path, banks: Path, work: Path, max_units: int
     # paper's input row); a second pass keeps the costly VRand/EI/MC-dropout/CCFV to one run.
     res = E.evaluate_targets(models, tlist, perturbations=feature or inputs, metrics=list(metrics),
                              baselines=list(baselines), performance="f1", out_dir=work / "evaluate" / task,
-                             seed=seed, n_permutations=n_permutations, plots=plots)
+                             seed=seed, n_permutations=n_permutations, plots=plots, correction="fg_ratio")
     if feature and inputs:
         res2 = E.evaluate_targets(models, tlist, perturbations=inputs, metrics=["nhd"], baselines=(),
                                   performance="f1", out_dir=work / "evaluate" / task / "input", seed=seed,
-                                  n_permutations=n_permutations, plots=plots)
+                                  n_permutations=n_permutations, plots=plots, correction="fg_ratio")
         for t, r in res["targets"].items():
             r2 = res2["targets"][t]
             by = {m["model"]: m for m in r2["models"]}
@@ -445,7 +445,7 @@ def run_sweep(task: str, domain: str, *, shared: Path, banks: Path, work: Path, 
     t0 = time.perf_counter()
     res = E.evaluate_targets(models, targets, perturbations=list(SWEEP), metrics=["nhd"], baselines=(),
                              performance="f1", out_dir=work / "sweep" / task, seed=seed,
-                             n_permutations=n_permutations)
+                             n_permutations=n_permutations, correction="fg_ratio")
     perf = {t: {m["model"]: m["performance"] for m in r["models"]} for t, r in res["targets"].items()}
     return {"task": task, "target": domain, "n_units": n_units,
             "summary": summarise(res["targets"], perf, seed=seed, n_permutations=n_permutations),

@@ -91,7 +91,7 @@ def run(tmp_path_factory, bank):
     root = make_domain(tmp_path_factory.mktemp("dom") / "dom_a")
     out = tmp_path_factory.mktemp("out")
     res = ev.evaluate(bank, root, perturbations=PERTS, metrics=["nhd"], baselines=BASE + ("ccfv",),
-                      ccfv_samples=(20, 40, 80), out_dir=out, n_permutations=1000)
+                      ccfv_samples=(20, 40, 80), out_dir=out, n_permutations=1000, correction="fg_ratio")
     return root, out, res
 
 
@@ -373,6 +373,7 @@ def test_cli_maps_flags_to_the_api(monkeypatch, tmp_path, capsys):
                      "--exclude-for", "b=m3"]) == 0
     bank, targets, kw = calls["multi"]
     assert [t.name for t in targets] == ["a", "b"] and targets[1].exclude == ("m3",) and kw["baselines"] == []
+    assert kw["correction"] == "flag_last"  # the default variant changes nothing when no model is flagged
     text = capsys.readouterr().out
     assert "+0.500(+0.100)" in text
     # each target's own models and statistics come before the average
