@@ -240,3 +240,43 @@ def test_torch_shared_decoder_equals_torch_decode(arch):
     n, static, k = entry["shared"][0]
     entry["shared"][0] = (n, static, k.flip(0))
     assert bench_rank.shared_decode_parity([entry], calib) > 1e-3
+
+
+@pytest.mark.slow
+def test_seed_spread_reproduces_evaluates_number_and_refuses_another(tmp_path, capsys):
+    """seed_spread.py rescores the study's candidates with other seeds. Seed 0 must give the rho
+    that evaluate_targets (the study's own path) wrote, and a summary that disagrees is refused.
+    The embedded demo (5 real models, 12 labelled DSB2018 images) split into two targets."""
+    import shutil
+
+    import seed_spread
+    from cte_jax import evaluate as E
+
+    demo = REPO / "cte_jax" / "demo"
+    (tmp_path / "banks").mkdir()
+    (tmp_path / "banks" / "nuclei").symlink_to(demo / "bank")
+    work, targets = tmp_path / "work", []
+    names = sorted(p.name for p in (demo / "target").glob("*.png"))
+    for t, part in (("dom_a", names[:6]), ("dom_b", names[6:])):
+        root = work / "targets" / "nuclei" / t
+        for sub, src in (("images", "target"), ("labels", "target_labels")):
+            (root / sub).mkdir(parents=True)
+            for n in part:
+                shutil.copy(demo / src / n, root / sub / n)
+        targets.append(E.LabelledTarget(name=t, path=root, split="all"))
+    E.evaluate_targets(str(demo / "bank"), targets, metrics=["nhd"], baselines=(),
+                       out_dir=work / "evaluate" / "nuclei", n_permutations=100, plots=False)
+    out = tmp_path / "spread.json"
+    assert seed_spread.main(["--work", str(work), "--banks", str(tmp_path / "banks"), "--seeds", "0", "1",
+                             "--json", str(out)]) == 0
+    summary = json.loads((work / "evaluate" / "nuclei" / "summary.json").read_text())
+    per_seed = json.loads(out.read_text())["per_seed"]
+    for t in ("dom_a", "dom_b"):
+        assert per_seed["0"][t] == pytest.approx(
+            summary["targets"][t]["estimators"]["nhd@dropout:0.1"]["paper"]["spearman_rho"], abs=1e-9)
+    assert set(per_seed) == {"0", "1"} and "| 0 1 |" in capsys.readouterr().out
+    assert any(abs(r) < 0.99 for r in per_seed["0"].values())  # not a trivially perfect ranking
+    summary["summary"]["nhd@dropout:0.1"]["paper"]["mean"]["spearman_rho"] += 0.01
+    (work / "evaluate" / "nuclei" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="seed 0 gives"):
+        seed_spread.main(["--work", str(work), "--banks", str(tmp_path / "banks"), "--seeds", "0"])
