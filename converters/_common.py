@@ -15,10 +15,10 @@ import numpy as np
 from cte_jax.arch import UNetSpec
 from cte_jax.errors import CTEError
 
-# State-dict entries that carry no weights a network needs in inference.
 # What to do with the weights of a network the family converters do not know.
 NOT_THIS_NETWORK = ("for a state dict of another network, export the network to ONNX (torch.onnx.export) "
                     "and convert that with --format onnx")
+# State-dict entries that carry no weights a network needs in inference.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 

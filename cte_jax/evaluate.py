@@ -413,7 +413,7 @@ def _evaluate_one(models_all: Sequence[Any], spec: LabelledTarget, o: _Options) 
     names = list(images.names)
     imgs = [images.read(i) for i in range(len(images))]
     labs = [_squeeze_label(labels.read(i), n, imgs[i].shape[:2]) for i, n in enumerate(names)]
-    data.check_labels(labs, getattr(labels, "path", spec.labels or spec.path))
+    data.check_labels(labs, labels.path)
     gts = ([gt_instances(lab, task=task, largest_to_background=o.largest_to_background) for lab in labs]
            if o.performance == "map" else [None] * len(labs))
 
